@@ -1,0 +1,1 @@
+"""dfq: data-free quantization to deployable integer models."""
