@@ -1,0 +1,150 @@
+"""Activation-range calibration on synthetic images.
+
+An observer on every :class:`ActQuantizer` collects, from the FP forward pass (quantizers off),
+the tensor's extremes and a seeded random subsample of its values. Three range rules turn that
+into a scale:
+
+* ``minmax``: the largest magnitude seen on the grid's side(s);
+* ``percentile``: the ``p``-th percentile of magnitudes;
+* ``mse``: the clip threshold that minimises the quantization MSE of the collected values.
+
+``auto`` applies each rule to every quantizer, measures the KL divergence between FP and
+fake-quant outputs on held-out synthetic images (no real data), and keeps the best rule. The
+measurements are returned for the report.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dfq.kernels.fake_quant import Grid, mse_optimal_scale
+from dfq.pipeline.qmodules import ActQuantizer
+from dfq.pipeline.quantize import QuantizedModel
+
+METHODS = ("minmax", "percentile", "mse")
+
+
+class RangeObserver:
+    """Keeps ``min``, ``max`` and up to ``keep`` randomly sampled values of every tensor seen."""
+
+    def __init__(self, keep: int = 200_000, seed: int = 0) -> None:
+        self.keep = keep
+        self.min = float("inf")
+        self.max = float("-inf")
+        self.samples: list[torch.Tensor] = []
+        self.count = 0
+        self.gen = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> None:
+        x = x.detach().float().reshape(-1)
+        self.min = min(self.min, float(x.min()))
+        self.max = max(self.max, float(x.max()))
+        per_call = min(x.numel(), max(1, self.keep // 8))
+        idx = torch.randint(0, x.numel(), (per_call,), generator=self.gen)
+        self.samples.append(x[idx].cpu())
+        self.count += 1
+        total = sum(s.numel() for s in self.samples)
+        if total > 2 * self.keep:  # thin out uniformly to bound memory
+            cat = torch.cat(self.samples)
+            keep_idx = torch.randperm(cat.numel(), generator=self.gen)[: self.keep]
+            self.samples = [cat[keep_idx]]
+
+    def values(self) -> torch.Tensor:
+        return torch.cat(self.samples) if self.samples else torch.zeros(1)
+
+
+def scale_for(obs: RangeObserver, grid: Grid, method: str, percentile: float,
+              bound: float | None) -> torch.Tensor:
+    """Scale of one activation quantizer under a range rule. ``bound`` caps the range (6 after
+    ReLU6). Unsigned grids look at the positive side only."""
+    values = obs.values()
+    if not grid.signed:
+        values = values.clamp(min=0)
+    if method == "minmax":
+        pos = max(obs.max, 0.0) / grid.qmax
+        neg = max(-obs.min, 0.0) / -grid.qmin if grid.signed else 0.0
+        s = torch.tensor(max(pos, neg))
+    elif method == "percentile":
+        mags = values.abs()
+        q = torch.quantile(mags[: 16_000_000], percentile / 100.0) if mags.numel() > 1 else mags.max()
+        s = q / (grid.qmax if not grid.signed else min(grid.qmax, -grid.qmin))
+    elif method == "mse":
+        s = mse_optimal_scale(values, grid, candidates=100, lowest=0.05)
+    else:
+        raise ValueError(method)
+    if bound is not None:
+        s = torch.clamp(s, max=bound / grid.qmax)
+    return torch.clamp(s.float().reshape(()), min=1e-8)
+
+
+@dataclass
+class CalibrationResult:
+    method: str                      # the rule that was kept
+    scores: dict[str, float]         # rule -> KL(FP || quantized) on held-out synthetic images
+    num_images: int
+    num_quantizers: int
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "kl_by_method": self.scores,
+                "num_images": self.num_images, "num_quantizers": self.num_quantizers}
+
+
+@torch.no_grad()
+def output_kl(fp_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    """Mean KL(softmax(fp) || softmax(q)) over a batch, in nats."""
+    return float(F.kl_div(F.log_softmax(q_logits, 1), F.log_softmax(fp_logits, 1),
+                          log_target=True, reduction="batchmean"))
+
+
+@torch.no_grad()
+def _batched(model, images: torch.Tensor, batch: int) -> torch.Tensor:
+    return torch.cat([model(images[i:i + batch]) for i in range(0, len(images), batch)])
+
+
+@torch.no_grad()
+def calibrate(qmodel: QuantizedModel, images: torch.Tensor, *, holdout: torch.Tensor | None = None,
+              batch_size: int = 64, seed: int = 0) -> CalibrationResult:
+    """Set every activation scale of ``qmodel`` from ``images`` (synthetic, model input space).
+
+    ``holdout`` images (default: the last quarter of ``images``, which then are not used for
+    ranges) score the rules when ``qmodel.config.calibration == "auto"``.
+    """
+    config = qmodel.config
+    if holdout is None and config.calibration == "auto" and len(images) >= 8:
+        cut = len(images) - max(4, len(images) // 4)
+        images, holdout = images[:cut], images[cut:]
+    quantizers = qmodel.act_quantizers()
+    observers = {}
+    for i, (name, q) in enumerate(sorted(quantizers.items())):
+        q.observer = observers[name] = RangeObserver(seed=seed + i)
+    qmodel.set_enabled(weights=False, activations=False)
+    try:
+        _batched(qmodel.module, images, batch_size)
+    finally:
+        for q in quantizers.values():
+            q.observer = None
+    candidates = {m: {name: scale_for(observers[name], q.grid, m, config.percentile, q.upper_bound)
+                      for name, q in quantizers.items()} for m in METHODS}
+
+    def apply(method: str) -> None:
+        for name, q in quantizers.items():
+            q.scale.data.copy_(candidates[method][name])
+
+    scores: dict[str, float] = {}
+    methods = METHODS if config.calibration == "auto" else (config.calibration,)
+    if config.calibration == "auto":
+        qmodel.set_enabled(weights=False, activations=False)
+        fp = _batched(qmodel.module, holdout, batch_size)
+        qmodel.set_enabled(True, True)
+        for m in methods:
+            apply(m)
+            scores[m] = output_kl(fp, _batched(qmodel.module, holdout, batch_size))
+        best = min(scores, key=scores.get)
+    else:
+        best = config.calibration
+    apply(best)
+    qmodel.set_enabled(True, True)
+    return CalibrationResult(best, scores, len(images), len(quantizers))

@@ -1,0 +1,416 @@
+"""``quantize``: turn an FP model into a fake-quant model built for one export target.
+
+Steps (on a deep copy traced with ``torch.fx``):
+
+1. BatchNorm folded into the conv before it (``QuantConv2d``, Tune mode); a zero ``Pad``
+   directly before a conv becomes the conv's own (possibly asymmetric) padding.
+2. Conv2d / Linear replaced by ``QuantConv2d`` / ``QuantLinear`` with per-channel weight
+   quantizers; the layer policy sets each layer's bits (default: first conv and last linear at
+   8 bits, stated in the report).
+3. Activation quantizers inserted where the target needs a quantized tensor
+   (:func:`quant_requirements`). A quantizer sits on the *source* tensor: ops that keep values
+   on the grid (max-pool, zero pad, slicing, flatten, dropout) pass the quantized tensor on
+   unchanged, and the exporter repeats the same Q/DQ after them.
+
+The returned ``torch.fx.GraphModule`` is the model that is calibrated, fine-tuned and exported;
+the ONNX artifact reproduces its arithmetic (see :mod:`dfq.export.onnx_graph`).
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import operator
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from dfq.errors import UnsupportedModelError
+from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear
+
+Target = Literal["onnxruntime", "tensorrt"]
+TARGETS = ("onnxruntime", "tensorrt")
+SUPPORTED_BITS = (4, 8)
+
+
+@dataclass
+class QuantConfig:
+    """How to quantize. ``bits`` is WnAn (weights and activations); ``keep_8bit`` lists layers
+    kept at 8 bits: module-name glob patterns or ``@first`` (first conv) / ``@last`` (last
+    linear). ``calibration`` picks the activation-range method (``auto`` measures min/max,
+    percentile and MSE on held-out synthetic images and keeps the best)."""
+
+    bits: int = 8
+    target: Target = "onnxruntime"
+    keep_8bit: tuple[str, ...] = ("@first", "@last")
+    weight_clip_search: bool = True
+    calibration: Literal["auto", "minmax", "percentile", "mse"] = "auto"
+    percentile: float = 99.99
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"--bits {self.bits} is not supported; use 8 (W8A8) or 4 (W4A4)")
+        if self.target not in TARGETS:
+            raise ValueError(f"unknown target {self.target!r}; use one of {', '.join(TARGETS)}")
+        if self.calibration not in ("auto", "minmax", "percentile", "mse"):
+            raise ValueError(f"unknown calibration {self.calibration!r}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError("percentile must lie in (50, 100]")
+        self.keep_8bit = tuple(self.keep_8bit)
+
+    @property
+    def name(self) -> str:
+        return f"W{self.bits}A{self.bits}"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["keep_8bit"] = list(self.keep_8bit)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        return cls(**{**d, "keep_8bit": tuple(d.get("keep_8bit", ()))})
+
+
+PRESETS = {"W8A8": QuantConfig(bits=8), "W4A4": QuantConfig(bits=4)}
+
+# ---------------------------------------------------------------------------------------------
+# graph helpers
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    if node.op == "call_module":
+        return gm.get_submodule(str(node.target))
+    return None
+
+
+def _is_tensor(node) -> bool:
+    return isinstance(node, fx.Node) and isinstance(node.meta.get("tensor_meta"), torch.fx.passes.shape_prop.TensorMetadata)
+
+
+def is_clip_activation(gm: fx.GraphModule, node: fx.Node) -> float | None:
+    """Upper bound of a ReLU-like activation whose output is >= 0 (inf for ReLU, 6 for ReLU6),
+    None if the node is not one."""
+    m = _module(gm, node)
+    if isinstance(m, nn.ReLU) or (node.op == "call_function" and node.target in (F.relu, torch.relu)):
+        return float("inf")
+    if isinstance(m, nn.ReLU6) or (node.op == "call_function" and node.target is F.relu6):
+        return 6.0
+    if isinstance(m, nn.Hardtanh) and m.min_val == 0.0:
+        return float(m.max_val)
+    if node.op == "call_function" and node.target is F.hardtanh:
+        lo = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
+        hi = node.kwargs.get("max_val", node.args[2] if len(node.args) > 2 else 1.0)
+        return float(hi) if lo == 0.0 else None
+    if node.op == "call_method" and node.target == "relu":
+        return float("inf")
+    return None
+
+
+def is_passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Ops whose output stays on the input's quantization grid with the same scale: max-pool,
+    zero padding, slicing, flatten/reshape, dropout/identity."""
+    m = _module(gm, node)
+    if m is not None:
+        if isinstance(m, (nn.MaxPool2d, nn.Dropout, nn.Identity, nn.Flatten)):
+            return True
+        return isinstance(m, nn.ZeroPad2d)
+    if node.op == "call_function":
+        if node.target in (torch.flatten, F.dropout, F.max_pool2d):
+            return True
+        if node.target is operator.getitem:
+            return _is_tensor(node.args[0]) and _is_tensor(node)
+        if node.target is F.pad:
+            value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else 0.0)
+            mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+            return mode == "constant" and (value is None or value == 0.0)
+    if node.op == "call_method":
+        return node.target in ("flatten", "view", "reshape", "contiguous")
+    return False
+
+
+def is_add(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in (operator.add, torch.add)
+            and len(node.args) >= 2 and all(_is_tensor(a) for a in node.args[:2]))
+
+
+def is_nonnegative(gm: fx.GraphModule, node: fx.Node, _memo: dict | None = None) -> bool:
+    """Whether a tensor is provably >= 0 (after ReLU-like ops, through pooling and pass-through
+    ops, sums of non-negative tensors). Decides unsigned vs signed activation grids."""
+    memo = {} if _memo is None else _memo
+    if node in memo:
+        return memo[node]
+    if is_clip_activation(gm, node) is not None:
+        result = True
+    elif isinstance(_module(gm, node), ActQuantizer):
+        result = not _module(gm, node).signed
+    elif is_passthrough(gm, node) or _is_pool(gm, node):
+        result = is_nonnegative(gm, node.args[0], memo)
+    elif is_add(node):
+        result = all(is_nonnegative(gm, a, memo) for a in node.args[:2])
+    else:
+        m = _module(gm, node)
+        result = isinstance(m, nn.Sigmoid) or (node.op == "call_function" and node.target in (torch.sigmoid, F.sigmoid))
+    memo[node] = result
+    return result
+
+
+def _is_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
+    m = _module(gm, node)
+    if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)):
+        return True
+    return node.op == "call_function" and node.target in (F.adaptive_avg_pool2d, F.avg_pool2d)
+
+
+def upper_bound(gm: fx.GraphModule, node: fx.Node) -> float | None:
+    """A finite upper bound of the tensor (6 for ReLU6 and what passes it on), else None."""
+    b = is_clip_activation(gm, node)
+    if b is not None:
+        return b if b != float("inf") else None
+    if is_passthrough(gm, node) or _is_pool(gm, node):
+        return upper_bound(gm, node.args[0])
+    return None
+
+
+def source_of(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """Walk back through pass-through ops to the tensor whose quantizer they share."""
+    while is_passthrough(gm, node) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+# ---------------------------------------------------------------------------------------------
+# structural rewrites
+
+
+def _fold_batchnorms(gm: fx.GraphModule) -> None:
+    for node in list(gm.graph.nodes):
+        bn = _module(gm, node)
+        if not isinstance(bn, nn.BatchNorm2d):
+            continue
+        prev = node.args[0]
+        conv = _module(gm, prev) if isinstance(prev, fx.Node) else None
+        if not isinstance(conv, nn.Conv2d) or len(prev.users) != 1:
+            raise UnsupportedModelError(
+                f"BatchNorm '{node.target}' does not directly follow a Conv2d (it follows "
+                f"'{getattr(prev, 'target', prev)}'), so it cannot be folded for deployment. dfq folds "
+                "every BatchNorm into the conv before it; models with free-standing BatchNorm are "
+                "not supported yet.")
+        if not bn.track_running_stats or bn.running_mean is None:
+            raise UnsupportedModelError(f"BatchNorm '{node.target}' keeps no running statistics.")
+        _set_module(gm, str(prev.target), QuantConv2d(conv, bn, bits=8))
+        node.replace_all_uses_with(prev)
+        gm.graph.erase_node(node)
+        _delete_module(gm, str(node.target))
+
+
+def _merge_pads(gm: fx.GraphModule) -> None:
+    """A zero ZeroPad2d / F.pad (last two dims only) whose only user is a QuantConv2d becomes
+    part of the conv's padding."""
+    for node in list(gm.graph.nodes):
+        conv = _module(gm, node)
+        if not isinstance(conv, QuantConv2d):
+            continue
+        pad_node = node.args[0]
+        if not isinstance(pad_node, fx.Node) or len(pad_node.users) != 1:
+            continue
+        m = _module(gm, pad_node)
+        if isinstance(m, nn.ZeroPad2d):
+            left, right, top, bottom = m.padding
+        elif pad_node.op == "call_function" and pad_node.target is F.pad and is_passthrough(gm, pad_node):
+            pads = pad_node.args[1] if len(pad_node.args) > 1 else pad_node.kwargs["pad"]
+            if len(pads) != 4:
+                continue
+            left, right, top, bottom = pads
+        else:
+            continue
+        if min(left, right, top, bottom) < 0:
+            continue
+        t, l, b, r = conv.pads
+        conv.pads = (t + top, l + left, b + bottom, r + right)
+        node.replace_input_with(pad_node, pad_node.args[0])
+        gm.graph.erase_node(pad_node)
+        if m is not None:
+            _delete_module(gm, str(pad_node.target))
+
+
+def _replace_layers(gm: fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        m = _module(gm, node)
+        if isinstance(m, nn.Conv2d):
+            _set_module(gm, str(node.target), QuantConv2d(m, None, bits=8))
+        elif isinstance(m, nn.Linear):
+            _set_module(gm, str(node.target), QuantLinear(m, bits=8))
+        elif isinstance(m, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d, nn.BatchNorm1d, nn.LayerNorm,
+                            nn.GroupNorm, nn.MultiheadAttention)):
+            raise UnsupportedModelError(
+                f"module '{node.target}' ({type(m).__name__}) cannot be quantized by dfq: supported "
+                "layers are Conv2d (with BatchNorm2d), Linear, and the activations, pooling and "
+                "elementwise ops of CNN classifiers.")
+
+
+def _set_module(gm: fx.GraphModule, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
+
+
+def _delete_module(gm: fx.GraphModule, name: str) -> None:
+    parent, _, leaf = name.rpartition(".")
+    delattr(gm.get_submodule(parent) if parent else gm, leaf)
+
+
+def layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if isinstance(_module(gm, n), (QuantConv2d, QuantLinear))]
+
+
+def _policy_bits(gm: fx.GraphModule, config: QuantConfig) -> dict[str, int]:
+    """Bits per layer (module name): ``config.bits`` unless a ``keep_8bit`` entry matches."""
+    layers = layer_nodes(gm)
+    convs = [n for n in layers if isinstance(_module(gm, n), QuantConv2d)]
+    linears = [n for n in layers if isinstance(_module(gm, n), QuantLinear)]
+    special = {"@first": str(convs[0].target) if convs else None,
+               "@last": str(linears[-1].target) if linears else (str(layers[-1].target) if layers else None)}
+    bits = {}
+    for n in layers:
+        name = str(n.target)
+        keep = any(special.get(p) == name if p.startswith("@") else fnmatch.fnmatchcase(name, p)
+                   for p in config.keep_8bit)
+        bits[name] = 8 if keep else config.bits
+    return bits
+
+
+def quant_requirements(gm: fx.GraphModule, layer_bits: dict[str, int], config: QuantConfig) -> dict[fx.Node, int]:
+    """Source tensors that need an activation quantizer, with their bits.
+
+    Both targets: the activation input of every conv/linear and both inputs of every residual
+    Add (so TensorRT fuses it and ONNX Runtime runs QLinearAdd). ONNX Runtime additionally needs
+    a Q on every conv and Add output (after a following ReLU/ReLU6, which the Q then makes
+    redundant) so DQ-Conv-Q fuses into QLinearConv. Bits: the largest any consumer asks for.
+    """
+    need: dict[fx.Node, int] = {}
+
+    def require(node, bits: int) -> None:
+        if not isinstance(node, fx.Node):
+            return
+        src = source_of(gm, node)
+        need[src] = max(need.get(src, 0), bits)
+
+    for node in gm.graph.nodes:
+        m = _module(gm, node)
+        if isinstance(m, (QuantConv2d, QuantLinear)):
+            require(node.args[0], layer_bits[str(node.target)])
+        if is_add(node):
+            for a in node.args[:2]:
+                require(a, config.bits)
+        if config.target == "onnxruntime" and (isinstance(m, QuantConv2d) or is_add(node)):
+            out = node
+            users = list(node.users)
+            if len(users) == 1 and is_clip_activation(gm, users[0]) is not None:
+                out = users[0]
+            require(out, config.bits)
+    return need
+
+
+def _insert_act_quantizers(gm: fx.GraphModule, need: dict[fx.Node, int], config: QuantConfig) -> None:
+    used = set(dict(gm.named_modules()))
+    for src, bits in need.items():
+        signed = not is_nonnegative(gm, src)
+        name = "aq_" + src.name
+        while name in used:
+            name += "_"
+        used.add(name)
+        gm.add_submodule(name, ActQuantizer(bits, signed, config.target, upper_bound(gm, src)))
+        with gm.graph.inserting_after(src):
+            q = gm.graph.call_module(name, (src,))
+        src.replace_all_uses_with(q, delete_user_cb=lambda user: user is not q)
+
+
+def input_quantizer_of(gm: fx.GraphModule, layer: fx.Node) -> fx.Node | None:
+    """The ActQuantizer node that quantizes a layer's activation input (through pass-through ops)."""
+    src = source_of(gm, layer.args[0])
+    return src if isinstance(_module(gm, src), ActQuantizer) else None
+
+
+def _link_bias_scales(gm: fx.GraphModule, config: QuantConfig) -> None:
+    """ONNX Runtime target: conv biases live on the int32 grid ``s_in * s_w``; pass each conv
+    the scale of its input quantizer as a second argument."""
+    if config.target != "onnxruntime":
+        return
+    for node in layer_nodes(gm):
+        m = _module(gm, node)
+        if not isinstance(m, QuantConv2d):
+            continue
+        aq = input_quantizer_of(gm, node)
+        if aq is None:
+            continue
+        m.bias_mode = "int32"
+        with gm.graph.inserting_before(node):
+            s = gm.graph.get_attr(f"{aq.target}.scale")
+        node.args = (node.args[0], s)
+
+
+@dataclass
+class QuantizedModel:
+    """The fake-quant model plus what a report needs to say about it."""
+
+    module: fx.GraphModule
+    config: QuantConfig
+    layer_bits: dict[str, int] = field(default_factory=dict)
+
+    def act_quantizers(self) -> dict[str, ActQuantizer]:
+        return {n: m for n, m in self.module.named_modules() if isinstance(m, ActQuantizer)}
+
+    def layers(self) -> dict[str, nn.Module]:
+        return {n: m for n, m in self.module.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
+
+    def set_enabled(self, weights: bool = True, activations: bool = True) -> None:
+        for m in self.module.modules():
+            if isinstance(m, ActQuantizer):
+                m.enabled = activations
+            elif isinstance(m, (QuantConv2d, QuantLinear)):
+                m.weight_quantizer.enabled = weights
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as exc:  # noqa: BLE001 - FX raises many kinds
+        raise UnsupportedModelError(
+            f"the model cannot be traced with torch.fx ({type(exc).__name__}: {exc}). dfq needs a "
+            "static graph without data-dependent Python control flow.") from exc
+
+
+def quantize(model: nn.Module, config: QuantConfig, example_input: torch.Tensor) -> QuantizedModel:
+    """Build the fake-quant model for ``config.target`` from an FP model (left unchanged).
+
+    ``example_input`` is one batch (``[N, C, H, W]``) used to record tensor shapes. Weight
+    scales are set here (clip search); activation scales are set by :func:`calibrate`.
+    """
+    gm = trace(copy.deepcopy(model).eval())
+    ShapeProp(gm).propagate(example_input)
+    _fold_batchnorms(gm)
+    _replace_layers(gm)
+    _merge_pads(gm)
+    bits = _policy_bits(gm, config)
+    for name, b in bits.items():
+        layer = gm.get_submodule(name)
+        if layer.weight_quantizer.bits != b:
+            layer.weight_quantizer = type(layer.weight_quantizer)(layer.weight_quantizer.scale.numel(), b)
+    need = quant_requirements(gm, bits, config)
+    _insert_act_quantizers(gm, need, config)
+    _link_bias_scales(gm, config)
+    gm.graph.lint()
+    gm.recompile()
+    ShapeProp(gm).propagate(example_input)
+    with torch.no_grad():
+        for m in gm.modules():
+            if isinstance(m, (QuantConv2d, QuantLinear)):
+                m.weight_quantizer.calibrate(m.folded()[0], search=config.weight_clip_search)
+    gm.eval()
+    return QuantizedModel(gm, config, bits)
