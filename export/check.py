@@ -1,0 +1,82 @@
+"""Checks of an exported artifact on ONNX Runtime: fidelity to the fake-quant model, accuracy
+against the FP model on real images, on held-out synthetic images when there are none."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Tally:
+    """Running counts over batches of (FP, fake-quant, exported) logits and labels."""
+
+    n: int = 0
+    fp_correct: int = 0
+    fq_correct: int = 0
+    int_correct: int = 0
+    agree_int_fq: int = 0
+    agree_int_fp: int = 0
+    max_abs_diff: float = 0.0
+    sum_abs_diff: float = 0.0
+    kl_sum: float = 0.0
+    numel: int = 0
+
+    def update(self, fp: np.ndarray, fq: np.ndarray, q: np.ndarray, labels: np.ndarray | None) -> None:
+        self.n += len(q)
+        if labels is not None:
+            self.fp_correct += int((fp.argmax(1) == labels).sum())
+            self.fq_correct += int((fq.argmax(1) == labels).sum())
+            self.int_correct += int((q.argmax(1) == labels).sum())
+        self.agree_int_fq += int((q.argmax(1) == fq.argmax(1)).sum())
+        self.agree_int_fp += int((q.argmax(1) == fp.argmax(1)).sum())
+        diff = np.abs(q - fq)
+        self.max_abs_diff = max(self.max_abs_diff, float(diff.max()))
+        self.sum_abs_diff += float(diff.sum())
+        self.numel += diff.size
+        self.kl_sum += float(F.kl_div(F.log_softmax(torch.from_numpy(q), 1), F.log_softmax(torch.from_numpy(fp), 1),
+                                      log_target=True, reduction="sum"))
+
+    def summary(self, with_labels: bool) -> dict:
+        out = {
+            "images": self.n,
+            "agreement": self.agree_int_fq / max(1, self.n),
+            "agreement_with_fp": self.agree_int_fp / max(1, self.n),
+            "max_abs_logit_diff": self.max_abs_diff,
+            "mean_abs_logit_diff": self.sum_abs_diff / max(1, self.numel),
+            "kl_fp_to_int": self.kl_sum / max(1, self.n),
+        }
+        if with_labels:
+            out.update(top1_fp=self.fp_correct / max(1, self.n), top1_fakequant=self.fq_correct / max(1, self.n),
+                       top1_int=self.int_correct / max(1, self.n))
+            out["top1_drop_points"] = 100.0 * (out["top1_fp"] - out["top1_int"])
+        return out
+
+
+@torch.no_grad()
+def compare_on_batches(fp_model: torch.nn.Module, fq_model: torch.nn.Module, session,
+                       batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]], *,
+                       progress=None) -> dict:
+    """Run the FP model, the fake-quant model and the exported ONNX (``session``) on the same
+    batches; return agreement, logit differences and, when labels are given, top-1 of each."""
+    tally = Tally()
+    with_labels = False
+    input_name = session.get_inputs()[0].name
+    for images, labels in batches:
+        fp = fp_model(images).float().numpy()
+        fq = fq_model(images).float().numpy()
+        q = session.run(None, {input_name: images.numpy().astype(np.float32)})[0]
+        lab = None if labels is None else labels.numpy()
+        with_labels = with_labels or lab is not None
+        tally.update(fp, fq, q, lab)
+        if progress is not None:
+            progress.update(len(images))
+    return tally.summary(with_labels)
+
+
+def tensor_batches(images: torch.Tensor, batch_size: int, labels: torch.Tensor | None = None):
+    for i in range(0, len(images), batch_size):
+        yield images[i:i + batch_size], None if labels is None else labels[i:i + batch_size]

@@ -1,0 +1,110 @@
+import collections
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from dfq.export.onnx_export import build_onnx, export_onnx
+from dfq.export.qdq import needs_clip
+from dfq.export.rules import tensorrt_violations
+from dfq.kernels.fake_quant import Grid
+from dfq.pipeline.calibrate import calibrate
+from dfq.pipeline.quantize import QuantConfig, quantize
+from tests.tiny import tiny_images, tiny_resnet
+
+
+def _quantized(bits, target, seed=0):
+    qm = quantize(tiny_resnet(seed), QuantConfig(bits=bits, target=target), tiny_images(2))
+    calibrate(qm, tiny_images(96, seed=seed + 5))
+    return qm
+
+
+def _run(model: onnx.ModelProto, x: torch.Tensor) -> np.ndarray:
+    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, {"input": x.numpy()})[0]
+
+
+CASES = [(8, "onnxruntime"), (4, "onnxruntime"), (8, "tensorrt"), (4, "tensorrt")]
+
+
+@pytest.mark.parametrize("bits,target", CASES)
+def test_ort_matches_fake_quant_model(bits, target):
+    qm = _quantized(bits, target)
+    ex = build_onnx(qm)
+    x = tiny_images(200, seed=9)
+    with torch.no_grad():
+        ref = qm(x).numpy()
+    out = _run(ex.qdq, x)
+    agreement = (out.argmax(1) == ref.argmax(1)).mean()
+    assert agreement >= 0.99
+    # within about one output step of the last activation quantizer times the fc weights
+    assert np.abs(out - ref).mean() < 0.02
+    # the FP twin is the float model exactly (BN folded)
+    qm.set_enabled(False, False)
+    with torch.no_grad():
+        np.testing.assert_allclose(_run(ex.fp, x), qm(x).numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_tensorrt_flavour_obeys_tensorrt_rules(bits):
+    ex = build_onnx(_quantized(bits, "tensorrt"))
+    assert tensorrt_violations(ex.qdq) == []
+    ops = collections.Counter(n.op_type for n in ex.qdq.graph.node)
+    assert ops["Conv"] == 5 and ops["DequantizeLinear"] >= 2 * 5
+    zps = [t for t in ex.qdq.graph.initializer if t.name.endswith("zero_point")]
+    assert zps and all(t.data_type == onnx.TensorProto.INT8 for t in zps)
+    if bits == 4:
+        assert ops["Clip"] >= 5  # 4-bit activations clipped before their INT8 Q
+
+
+def test_rules_checker_catches_violations():
+    # the onnxruntime flavour (UINT8, zero point 128, unquantized conv outputs ok) breaks TensorRT rules
+    problems = tensorrt_violations(build_onnx(_quantized(8, "onnxruntime")).qdq)
+    assert any("UINT8" in p for p in problems) and any("non-zero zero point" in p for p in problems)
+    # a conv whose weight is not quantized is reported
+    ex = build_onnx(_quantized(8, "tensorrt"))
+    g = ex.qdq.graph
+    conv = next(n for n in g.node if n.op_type == "Conv")
+    dq = next(n for n in g.node if n.output[0] == conv.input[1])
+    conv.input[1] = dq.input[0]  # point at the raw int8 initializer's name instead
+    assert any("weight" in p and "not quantized" in p for p in tensorrt_violations(ex.qdq))
+
+
+def test_onnxruntime_flavour_fuses_into_integer_kernels(tmp_path):
+    qm = _quantized(8, "onnxruntime")
+    path = tmp_path / "q.onnx"
+    export_onnx(qm, path)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)
+    assert ops["QLinearConv"] == 5, ops
+    assert ops["Conv"] == 0, ops
+    assert ops["QLinearAdd"] == 1 and ops["QLinearGlobalAveragePool"] == 1, ops
+
+
+def test_reexport_is_byte_identical(tmp_path):
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    export_onnx(_quantized(4, "tensorrt"), a)
+    export_onnx(_quantized(4, "tensorrt"), b)
+    assert a.read_bytes() == b.read_bytes()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_clip_only_where_container_is_wider_than_grid():
+    assert not needs_clip(Grid(0, 255), "onnxruntime")
+    assert not needs_clip(Grid(-128, 127), "onnxruntime")
+    assert not needs_clip(Grid(0, 127), "tensorrt")
+    assert needs_clip(Grid(0, 15), "tensorrt") and needs_clip(Grid(-8, 7), "onnxruntime")
+
+
+def test_weights_are_int8_per_channel_and_int32_bias_for_onnxruntime():
+    ex = build_onnx(_quantized(8, "onnxruntime"))
+    inits = {t.name: t for t in ex.qdq.graph.initializer}
+    w = inits["stem.weight_quantized"]
+    assert w.data_type == onnx.TensorProto.INT8 and list(inits["stem.weight.scale"].dims) == [8]
+    assert inits["down.bias_quantized"].data_type == onnx.TensorProto.INT32

@@ -1,0 +1,109 @@
+import pytest
+import torch
+from torch import nn
+
+from dfq.errors import UnsupportedModelError
+from dfq.pipeline.calibrate import calibrate
+from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear, fold_bn_into_conv
+from dfq.pipeline.quantize import QuantConfig, quantize
+from tests.tiny import randomize_bn, tiny_images, tiny_resnet
+
+
+def test_bn_folding_exact_in_float64():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=True).double()
+    bn = randomize_bn(nn.Sequential(nn.BatchNorm2d(6))).double()[0].eval()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    w, b = fold_bn_into_conv(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    folded = nn.functional.conv2d(x, w, b, padding=1)
+    ref = bn(conv(x))
+    torch.testing.assert_close(folded, ref, rtol=0, atol=1e-12)
+
+
+def test_quant_conv_tune_mode_equals_conv_bn_when_quantizers_off():
+    model = tiny_resnet()
+    x = tiny_images(8)
+    qm = quantize(model, QuantConfig(bits=8), x[:2])
+    qm.set_enabled(weights=False, activations=False)
+    with torch.no_grad():
+        torch.testing.assert_close(qm(x), model(x), rtol=1e-5, atol=1e-5)
+    # BN folded away, pads merged, every layer quantized
+    mods = dict(qm.module.named_modules())
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.ZeroPad2d, nn.Conv2d, nn.Linear)) for m in mods.values())
+    assert mods["down"].pads == (0, 0, 1, 1)
+
+
+def test_layer_policy_first_and_last_at_8_bits():
+    qm = quantize(tiny_resnet(), QuantConfig(bits=4), tiny_images(2))
+    assert qm.layer_bits["stem"] == 8 and qm.layer_bits["fc"] == 8
+    assert qm.layer_bits["block.conv1"] == 4
+    assert qm.module.get_submodule("stem").weight_quantizer.bits == 8
+    qm2 = quantize(tiny_resnet(), QuantConfig(bits=4, keep_8bit=("block.*",)), tiny_images(2))
+    assert qm2.layer_bits == {"stem": 4, "block.conv1": 8, "block.conv2": 8, "down": 4, "dw": 4, "fc": 4}
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+def test_activation_quantizer_placement_and_sign(target):
+    qm = quantize(tiny_resnet(), QuantConfig(bits=8, target=target), tiny_images(2))
+    aq = qm.act_quantizers()
+    # network input is signed; post-ReLU/ReLU6 tensors unsigned; the residual branch before the
+    # add is signed (conv output, no activation)
+    assert aq["aq_x"].signed
+    assert not aq["aq_stem_act"].signed and aq["aq_stem_act"].upper_bound == 6.0
+    assert aq["aq_block_conv2"].signed
+    assert not aq["aq_block_relu2"].signed
+    expected = {"aq_x", "aq_stem_act", "aq_block_relu1", "aq_block_conv2", "aq_block_relu2",
+                "aq_down_act", "aq_gap"}
+    # ONNX Runtime also needs a Q after the last conv (feeding only the pooling) so it fuses
+    assert set(aq) == (expected | {"aq_dw_act"} if target == "onnxruntime" else expected)
+    if target == "tensorrt":
+        assert aq["aq_stem_act"].grid.qmax == 127
+    else:
+        assert aq["aq_stem_act"].grid.qmax == 255
+        assert qm.module.get_submodule("down").bias_mode == "int32"
+
+
+def test_calibration_picks_measured_best_and_sets_positive_scales():
+    qm = quantize(tiny_resnet(), QuantConfig(bits=4), tiny_images(2))
+    res = calibrate(qm, tiny_images(64))
+    assert set(res.scores) == {"minmax", "percentile", "mse"}
+    assert res.method == min(res.scores, key=res.scores.get)
+    assert all(float(q.scale.detach()) > 0 for q in qm.act_quantizers().values())
+    # ReLU6 outputs never get a range wider than 6
+    q = qm.act_quantizers()["aq_stem_act"]
+    assert float(q.scale.detach()) * q.grid.qmax <= 6.0 + 1e-6
+
+
+def test_bits_validation():
+    with pytest.raises(ValueError, match="--bits 3"):
+        QuantConfig(bits=3)
+    with pytest.raises(ValueError):
+        QuantConfig(target="tflite")
+
+
+def test_free_standing_batchnorm_is_refused():
+    class Bad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            return self.conv(self.bn(x))
+
+    with pytest.raises(UnsupportedModelError, match="does not directly follow a Conv2d"):
+        quantize(Bad().eval(), QuantConfig(), tiny_images(2))
+
+
+def test_unsupported_layer_is_named():
+    class Bad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.norm = nn.GroupNorm(2, 4)
+
+        def forward(self, x):
+            return self.norm(self.conv(x))
+
+    with pytest.raises(UnsupportedModelError, match="'norm' \\(GroupNorm\\)"):
+        quantize(Bad().eval(), QuantConfig(), tiny_images(2))
