@@ -1,0 +1,79 @@
+"""``dfq-export``: a trained CNN checkpoint in, a verified QDQ ONNX (and TensorRT engine) out.
+
+The CLI only parses arguments and calls :func:`dfq.job.run_export`. Errors a user can cause
+print one paragraph (no traceback unless ``--debug``) and exit with the code of their class
+(see ``dfq.errors`` and the README's exit-code table).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from dfq.errors import DfqError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dfq-export",
+        description="Quantize a trained CNN without its training data and export a QDQ ONNX "
+                    "(ONNX Runtime or TensorRT flavour), verified on ONNX Runtime.")
+    p.add_argument("model", help="checkpoint (.pth/.pt/.th): a state_dict or a dict holding one; loaded with "
+                                 "weights_only=True")
+    p.add_argument("--arch", help="architecture name (default: inferred from the file name); see --list-archs")
+    p.add_argument("--bits", type=int, default=8, help="WnAn bit width: 8 or 4 (default 8)")
+    p.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
+                   help="artifact flavour; fixes activation grids and Q/DQ placement (default onnxruntime)")
+    p.add_argument("--out", required=False, help="output .onnx, or .engine/.plan (the .onnx is written beside it)")
+    p.add_argument("--method", default="bns", help="synthetic-data method (default bns)")
+    p.add_argument("--val", help="ImageFolder of real labelled images for accuracy (optional)")
+    p.add_argument("--val-limit", type=int, help="use at most this many --val images")
+    p.add_argument("--budget", default="default", choices=["fast", "default", "long"],
+                   help="synthesis/fine-tuning budget (fast = smoke test)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--report", help="report JSON path (default: <out>.report.json; Markdown beside it)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="ONNX Runtime threads for checks and latency (default: all cores)")
+    p.add_argument("--latency-batch", type=int, action="append", dest="latency_batches",
+                   help="batch size for the latency comparison (repeatable; default 1)")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--list-archs", action="store_true", help="print known architecture names and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.list_archs:
+            from dfq.pipeline.models import list_archs
+
+            print("\n".join(list_archs()))
+            return 0
+        if not args.out:
+            from dfq.errors import UsageError
+
+            raise UsageError("--out is required: the path of the .onnx (or .engine) to write.")
+        from dfq.job import ExportJob, run_export, summary_lines
+
+        job = ExportJob(model=args.model, out=args.out, arch=args.arch, bits=args.bits, target=args.target,
+                        method=args.method, val=args.val, val_limit=args.val_limit, budget=args.budget,
+                        seed=args.seed, report=args.report, force=args.force, threads=args.threads,
+                        latency_batches=tuple(args.latency_batches or (1,)), progress=not args.no_progress)
+        report = run_export(job, log=lambda msg: print(msg, file=sys.stderr))
+        for line in summary_lines(report):
+            print(line)
+        return 0
+    except DfqError as exc:
+        if args.debug:
+            raise
+        print(f"dfq-export: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("dfq-export: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

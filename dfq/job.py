@@ -1,0 +1,269 @@
+"""The whole ``dfq-export`` path as one function over a config: load -> synthesize -> quantize ->
+calibrate -> export -> check -> report (-> build the engine where TensorRT and a GPU exist)."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from dfq.errors import DataError, OutputError, UnsupportedModelError, UsageError, VerificationError
+from dfq.kernels.fake_quant import activation_grid, weight_grid
+
+BUDGETS = ("fast", "default", "long")
+METHODS = ("bns",)
+ENGINE_SUFFIXES = (".engine", ".plan")
+
+# An exported artifact that disagrees with the model it came from more often than this is a
+# defect, not a quantization loss: the run fails with VerificationError.
+MIN_AGREEMENT = 0.99
+
+
+@dataclass
+class ExportJob:
+    """Everything one ``dfq-export`` run needs; written into the report so a run can be repeated."""
+
+    model: str
+    out: str
+    arch: str | None = None
+    bits: int = 8
+    target: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
+    method: str = "bns"
+    val: str | None = None
+    val_limit: int | None = None
+    budget: Literal["fast", "default", "long"] = "default"
+    seed: int = 0
+    report: str | None = None
+    force: bool = False
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    latency_batches: tuple[int, ...] = (1,)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise UsageError(f"--bits {self.bits} is not supported: use --bits 8 (W8A8) or --bits 4 (W4A4).")
+        if self.target not in ("onnxruntime", "tensorrt"):
+            raise UsageError(f"--target {self.target!r} is unknown: use onnxruntime or tensorrt.")
+        if self.method not in METHODS:
+            raise UsageError(f"--method {self.method!r} is not available: choose from {', '.join(METHODS)}.")
+        if self.budget not in BUDGETS:
+            raise UsageError(f"--budget {self.budget!r} is unknown: use one of {', '.join(BUDGETS)}.")
+        if self.threads < 1:
+            raise UsageError("--threads must be at least 1.")
+        if any(b < 1 for b in self.latency_batches):
+            raise UsageError("latency batch sizes must be at least 1.")
+        if self.val_limit is not None and self.val_limit < 1:
+            raise UsageError("--val-limit must be at least 1.")
+
+    # -- output paths ------------------------------------------------------------------------
+    @property
+    def engine_path(self) -> Path | None:
+        p = Path(self.out)
+        return p if p.suffix in ENGINE_SUFFIXES else None
+
+    @property
+    def onnx_path(self) -> Path:
+        p = Path(self.out)
+        return p.with_suffix(".onnx") if p.suffix in ENGINE_SUFFIXES else p
+
+    @property
+    def fp_onnx_path(self) -> Path:
+        return self.onnx_path.with_name(self.onnx_path.stem + ".fp32.onnx")
+
+    @property
+    def report_path(self) -> Path:
+        return Path(self.report) if self.report else self.onnx_path.with_name(self.onnx_path.stem + ".report.json")
+
+    @property
+    def markdown_path(self) -> Path:
+        return self.report_path.with_suffix(".md")
+
+    def outputs(self) -> list[Path]:
+        paths = [self.onnx_path, self.fp_onnx_path, self.report_path, self.markdown_path]
+        return paths + ([self.engine_path] if self.engine_path else [])
+
+    def check_outputs(self) -> None:
+        """Before any work: the output suffix is known, nothing is overwritten without --force, and
+        every output directory exists and is writable."""
+        suffix = Path(self.out).suffix
+        if suffix not in (".onnx",) + ENGINE_SUFFIXES:
+            raise UsageError(f"--out {self.out}: the output must end in .onnx (ONNX artifact) or .engine/.plan "
+                             "(TensorRT engine, with the ONNX written beside it).")
+        existing = [str(p) for p in self.outputs() if p.exists()]
+        if existing and not self.force:
+            raise OutputError(f"Output already exists: {', '.join(existing)}. Pass --force to overwrite, "
+                              "or choose another --out.")
+        for p in self.outputs():
+            parent = p.parent if str(p.parent) else Path(".")
+            if not parent.is_dir():
+                raise OutputError(f"The output directory {parent} does not exist; create it or choose another --out.")
+            if not os.access(parent, os.W_OK):
+                raise OutputError(f"The output directory {parent} is not writable; choose another --out.")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["latency_batches"] = list(self.latency_batches)
+        return d
+
+
+def _numerics(bits: int, target: str) -> str:
+    w = weight_grid(bits)
+    a_u = activation_grid(bits, False, target)
+    a_s = activation_grid(bits, True, target)
+    container = "INT8" if target == "tensorrt" else "UINT8 activations (signed ones with zero point 128) / INT8 weights"
+    text = (f"weights per-channel symmetric on [{w.qmin}, {w.qmax}]; activations per-tensor on "
+            f"[{a_u.qmin}, {a_u.qmax}] after ReLU/ReLU6, [{a_s.qmin}, {a_s.qmax}] otherwise; stored as {container}")
+    if bits == 4:
+        text += ("; 4-bit numerics run on INT8 kernels (4-bit grids in INT8 containers, activations clipped "
+                 "to the 4-bit range): this is not an INT4 engine")
+    return text
+
+
+def run_export(job: ExportJob, *, log=print) -> dict:
+    """Run the whole path; returns the report (also written as JSON and Markdown)."""
+    from dfq.export.check import compare_on_batches, tensor_batches
+    from dfq.export.onnx_export import atomic_write_bytes, export_onnx
+    from dfq.export.ort_runtime import compare_latency, make_session
+    from dfq.export.rules import tensorrt_violations
+    from dfq.pipeline.calibrate import calibrate
+    from dfq.pipeline.load import has_batchnorm, load_model
+    from dfq.pipeline.quantize import QuantConfig, quantize
+    from dfq.pipeline.synthesize import SynthConfig, synthesize
+    from dfq.report import command_line, git_commit, machine_info, to_json, to_markdown
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    job.check_outputs()
+    loaded = load_model(job.model, job.arch)
+    spec = loaded.spec
+    if not has_batchnorm(loaded.model):
+        raise UnsupportedModelError(
+            f"{job.model} ({spec.name}) has no BatchNorm layers: data-free synthesis reads the "
+            "BatchNorm running statistics, so this model cannot be quantized without data. dfq has "
+            "no real-data calibration option yet.")
+    val_set = None
+    if job.val:
+        from dfq.pipeline.data import image_folder
+
+        val_set = image_folder(job.val, spec)
+    torch.manual_seed(job.seed)
+    timings["load"] = time.perf_counter() - t_start
+
+    # synthesize -------------------------------------------------------------------------------
+    t = time.perf_counter()
+    synth_cfg = SynthConfig.for_budget(job.budget, spec.input_size, seed=job.seed)
+    log(f"[dfq] synthesizing {synth_cfg.num_images} images from {spec.name}'s BatchNorm statistics "
+        f"({job.method}, budget {job.budget})")
+    images, _labels = synthesize(loaded.model, spec.input_size, spec.mean, spec.std, spec.num_classes,
+                                 synth_cfg, progress=job.progress)
+    timings["synthesize"] = time.perf_counter() - t
+
+    # quantize + calibrate ---------------------------------------------------------------------
+    t = time.perf_counter()
+    holdout_n = max(8, len(images) // 4)
+    calib, holdout = images[:-holdout_n], images[-holdout_n:]
+    qconfig = QuantConfig(bits=job.bits, target=job.target)
+    qmodel = quantize(loaded.model, qconfig, calib[:2])
+    calib_result = calibrate(qmodel, calib, holdout=holdout, seed=job.seed)
+    timings["quantize"] = time.perf_counter() - t
+    log(f"[dfq] {qconfig.name} for {job.target}: {len(qmodel.layer_bits)} layers, "
+        f"{calib_result.num_quantizers} activation quantizers, calibration '{calib_result.method}'")
+
+    # export -----------------------------------------------------------------------------------
+    t = time.perf_counter()
+    exported = export_onnx(qmodel, job.onnx_path, fp_path=job.fp_onnx_path)
+    timings["export"] = time.perf_counter() - t
+    violations = tensorrt_violations(exported.qdq) if job.target == "tensorrt" else []
+
+    # check ------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    session = make_session(str(job.onnx_path), threads=job.threads)
+    if val_set is not None:
+        from dfq.pipeline.data import iterate_images
+
+        batches = iterate_images(val_set, 100, limit=job.val_limit)
+        data_name = str(job.val)
+    else:
+        batches = tensor_batches(holdout, 32)
+        data_name = "held-out synthetic images"
+    fidelity = compare_on_batches(loaded.model.eval(), qmodel.module.eval(), session, batches)
+    fidelity["data"] = data_name
+    timings["check"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    latency = []
+    for b in job.latency_batches:
+        res = compare_latency(str(job.fp_onnx_path), str(job.onnx_path), batch=b, threads=job.threads)
+        res.update(batch=b, threads=job.threads)
+        latency.append(res)
+    timings["latency"] = time.perf_counter() - t
+
+    report = {
+        "kind": "dfq-export",
+        "command": command_line(),
+        "commit": git_commit(),
+        "machine": machine_info(),
+        "job": job.to_dict(),
+        "model": {"arch": spec.name, "spec": spec.to_dict(), "source": loaded.source},
+        "synthesis": {"method": job.method, "num_images": len(images), "config": synth_cfg.to_dict(),
+                      "seconds": timings["synthesize"]},
+        "quant": {"name": qconfig.name, "target": job.target, "config": qconfig.to_dict(),
+                  "numerics": _numerics(job.bits, job.target),
+                  "layer_bits": qmodel.layer_bits,
+                  "layers_at_8bit": [n for n, b in qmodel.layer_bits.items() if b == 8 and job.bits != 8],
+                  "activation_quantizers": {n: {"bits": q.bits, "signed": q.signed, "scale": float(q.scale),
+                                                "grid": [q.grid.qmin, q.grid.qmax]}
+                                            for n, q in sorted(qmodel.act_quantizers().items())}},
+        "calibration": calib_result.to_dict(),
+        "tensorrt_rule_violations": violations,
+        "fidelity": fidelity,
+        "latency": latency,
+        "outputs": {"onnx": str(job.onnx_path), "fp_onnx": str(job.fp_onnx_path),
+                    "report": str(job.report_path), "markdown": str(job.markdown_path)},
+        "timings_s": timings,
+    }
+    engine_error = None
+    if job.engine_path is not None:
+        from dfq.errors import EngineNotBuiltError
+        from dfq.export.tensorrt import build_engine, require_tensorrt
+
+        try:
+            require_tensorrt(job.onnx_path, job.engine_path)
+            report["engine"] = {"status": "built", **build_engine(job.onnx_path, job.engine_path,
+                                                                   input_shape=tuple(spec.input_size))}
+        except EngineNotBuiltError as exc:
+            report["engine"] = {"status": "not built", "reason": str(exc)}
+            engine_error = exc
+    report["wall_s"] = time.perf_counter() - t_start
+    atomic_write_bytes(job.report_path, to_json(report))
+    atomic_write_bytes(job.markdown_path, to_markdown(report).encode())
+
+    if violations:
+        raise VerificationError("The exported graph breaks TensorRT's Q/DQ rules:\n  " + "\n  ".join(violations))
+    if fidelity["agreement"] < MIN_AGREEMENT:
+        raise VerificationError(
+            f"The exported ONNX agrees with the fake-quant model on only {100 * fidelity['agreement']:.2f}% of "
+            f"top-1 predictions ({fidelity['images']} images); expected at least {100 * MIN_AGREEMENT:.0f}%. "
+            f"The artifact is not trustworthy; the report {job.report_path} has the details.")
+    if engine_error is not None:
+        raise engine_error
+    return report
+
+
+def summary_lines(report: dict) -> list[str]:
+    f = report["fidelity"]
+    lines = [f"[dfq] wrote {report['outputs']['onnx']} ({report['quant']['name']}, target {report['quant']['target']})"]
+    lines.append(f"[dfq] agreement with fake-quant model: {100 * f['agreement']:.2f}% on {f['images']} {f['data']}"
+                 f" (max |logit diff| {f['max_abs_logit_diff']:.3g})")
+    if "top1_fp" in f:
+        lines.append(f"[dfq] top-1: FP {100 * f['top1_fp']:.2f}%  exported {100 * f['top1_int']:.2f}%  "
+                     f"(drop {f['top1_drop_points']:.2f} points)")
+    for lat in report["latency"]:
+        lines.append(f"[dfq] ORT latency batch {lat['batch']} ({lat['threads']} threads): FP32 {lat['fp']['median_ms']:.2f} ms, "
+                     f"quantized {lat['int']['median_ms']:.2f} ms, speedup {lat['speedup']:.2f}x")
+    lines.append(f"[dfq] report: {report['outputs']['report']} and {report['outputs']['markdown']}"
+                 f" ({report['wall_s']:.0f} s)")
+    return lines
