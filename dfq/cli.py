@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ONNX Runtime threads for checks and latency (default: all cores)")
     p.add_argument("--latency-batch", type=int, action="append", dest="latency_batches",
                    help="batch size for the latency comparison (repeatable; default 1)")
+    p.add_argument("--full-range-weights", action="store_true",
+                   help="onnxruntime target: 8-bit weights on [-127,127] instead of [-63,63] (exact only on "
+                        "CPUs with VNNI; AVX2-only CPUs saturate)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -59,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
         job = ExportJob(model=args.model, out=args.out, arch=args.arch, bits=args.bits, target=args.target,
                         method=args.method, val=args.val, val_limit=args.val_limit, budget=args.budget,
-                        seed=args.seed, report=args.report, force=args.force, threads=args.threads,
+                        seed=args.seed, report=args.report,
+                        reduce_range=False if args.full_range_weights else None, force=args.force, threads=args.threads,
                         latency_batches=tuple(args.latency_batches or (1,)), progress=not args.no_progress)
         report = run_export(job, log=lambda msg: print(msg, file=sys.stderr))
         for line in summary_lines(report):

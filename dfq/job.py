@@ -2,6 +2,7 @@
 calibrate -> export -> check -> report (-> build the engine where TensorRT and a GPU exist)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -10,7 +11,7 @@ from typing import Literal
 
 import torch
 
-from dfq.errors import DataError, OutputError, UnsupportedModelError, UsageError, VerificationError
+from dfq.errors import OutputError, UnsupportedModelError, UsageError, VerificationError
 from dfq.kernels.fake_quant import activation_grid, weight_grid
 
 BUDGETS = ("fast", "default", "long")
@@ -36,11 +37,15 @@ class ExportJob:
     val_limit: int | None = None
     budget: Literal["fast", "default", "long"] = "default"
     seed: int = 0
+    reduce_range: bool | None = None      # None: QuantConfig's default for the target
     report: str | None = None
     force: bool = False
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     latency_batches: tuple[int, ...] = (1,)
+    latency_seconds: float = 3.0          # timed seconds per model per batch size (after warm-up)
     progress: bool = True
+    # API-level overrides of the budget's SynthConfig fields (e.g. {"num_images": 32, "steps": 5})
+    synth_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -109,8 +114,8 @@ class ExportJob:
         return d
 
 
-def _numerics(bits: int, target: str) -> str:
-    w = weight_grid(bits)
+def _numerics(bits: int, target: str, reduce_range: bool) -> str:
+    w = weight_grid(bits, reduce_range)
     a_u = activation_grid(bits, False, target)
     a_s = activation_grid(bits, True, target)
     container = "INT8" if target == "tensorrt" else "UINT8 activations (signed ones with zero point 128) / INT8 weights"
@@ -155,6 +160,8 @@ def run_export(job: ExportJob, *, log=print) -> dict:
     # synthesize -------------------------------------------------------------------------------
     t = time.perf_counter()
     synth_cfg = SynthConfig.for_budget(job.budget, spec.input_size, seed=job.seed)
+    if job.synth_overrides:
+        synth_cfg = dataclasses.replace(synth_cfg, **job.synth_overrides)
     log(f"[dfq] synthesizing {synth_cfg.num_images} images from {spec.name}'s BatchNorm statistics "
         f"({job.method}, budget {job.budget})")
     images, _labels = synthesize(loaded.model, spec.input_size, spec.mean, spec.std, spec.num_classes,
@@ -165,7 +172,7 @@ def run_export(job: ExportJob, *, log=print) -> dict:
     t = time.perf_counter()
     holdout_n = max(8, len(images) // 4)
     calib, holdout = images[:-holdout_n], images[-holdout_n:]
-    qconfig = QuantConfig(bits=job.bits, target=job.target)
+    qconfig = QuantConfig(bits=job.bits, target=job.target, reduce_range=job.reduce_range)
     qmodel = quantize(loaded.model, qconfig, calib[:2])
     calib_result = calibrate(qmodel, calib, holdout=holdout, seed=job.seed)
     timings["quantize"] = time.perf_counter() - t
@@ -196,7 +203,8 @@ def run_export(job: ExportJob, *, log=print) -> dict:
     t = time.perf_counter()
     latency = []
     for b in job.latency_batches:
-        res = compare_latency(str(job.fp_onnx_path), str(job.onnx_path), batch=b, threads=job.threads)
+        res = compare_latency(str(job.fp_onnx_path), str(job.onnx_path), batch=b, threads=job.threads,
+                              min_seconds=job.latency_seconds, warmup=3)
         res.update(batch=b, threads=job.threads)
         latency.append(res)
     timings["latency"] = time.perf_counter() - t
@@ -211,10 +219,10 @@ def run_export(job: ExportJob, *, log=print) -> dict:
         "synthesis": {"method": job.method, "num_images": len(images), "config": synth_cfg.to_dict(),
                       "seconds": timings["synthesize"]},
         "quant": {"name": qconfig.name, "target": job.target, "config": qconfig.to_dict(),
-                  "numerics": _numerics(job.bits, job.target),
+                  "numerics": _numerics(job.bits, job.target, qconfig.reduce_range),
                   "layer_bits": qmodel.layer_bits,
                   "layers_at_8bit": [n for n, b in qmodel.layer_bits.items() if b == 8 and job.bits != 8],
-                  "activation_quantizers": {n: {"bits": q.bits, "signed": q.signed, "scale": float(q.scale),
+                  "activation_quantizers": {n: {"bits": q.bits, "signed": q.signed, "scale": float(q.scale.detach()),
                                                 "grid": [q.grid.qmin, q.grid.qmax]}
                                             for n, q in sorted(qmodel.act_quantizers().items())}},
         "calibration": calib_result.to_dict(),

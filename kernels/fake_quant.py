@@ -40,11 +40,17 @@ class Grid:
         return self.qmax - self.qmin + 1
 
 
-def weight_grid(bits: int) -> Grid:
+def weight_grid(bits: int, reduce_range: bool = False) -> Grid:
     """Per-channel symmetric weight grid: 8 bits -> [-127, 127] (narrow range, what TensorRT and
-    ONNX Runtime's symmetric quantizer use); 4 bits -> [-8, 7] (4-bit numerics stored in INT8)."""
+    ONNX Runtime's symmetric quantizer use), or [-63, 63] with ``reduce_range``; 4 bits -> [-8, 7]
+    (4-bit numerics stored in INT8).
+
+    ``reduce_range`` exists for ONNX Runtime on x86 CPUs without VNNI: their U8S8 kernels
+    (AVX2 ``vpmaddubsw``) add pairs of uint8 x int8 products in int16 with saturation, so
+    255 * 127 * 2 overflows and the integer result silently differs from the QDQ graph's meaning.
+    With |w| <= 63 a pair sum is at most 255 * 63 * 2 = 32130 and cannot saturate."""
     if bits == 8:
-        return Grid(-127, 127)
+        return Grid(-63, 63) if reduce_range else Grid(-127, 127)
     if bits == 4:
         return Grid(-8, 7)
     raise ValueError(f"unsupported weight bit width {bits} (supported: 4, 8)")

@@ -47,10 +47,11 @@ def fold_bn_into_conv(weight: torch.Tensor, bias: torch.Tensor | None, bn_mean: 
 class WeightQuantizer(nn.Module):
     """Per-output-channel symmetric weight quantizer (zero point 0), ``scale`` has shape ``[O]``."""
 
-    def __init__(self, out_channels: int, bits: int) -> None:
+    def __init__(self, out_channels: int, bits: int, reduce_range: bool = False) -> None:
         super().__init__()
         self.bits = bits
-        self.grid: Grid = weight_grid(bits)
+        self.reduce_range = reduce_range
+        self.grid: Grid = weight_grid(bits, reduce_range)
         self.scale = nn.Parameter(torch.ones(out_channels))
         self.enabled = True
 

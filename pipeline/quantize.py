@@ -49,6 +49,10 @@ class QuantConfig:
     weight_clip_search: bool = True
     calibration: Literal["auto", "minmax", "percentile", "mse"] = "auto"
     percentile: float = 99.99
+    # 8-bit weights on [-63, 63] instead of [-127, 127]. Default (None): on for the onnxruntime
+    # target, whose x86 kernels without VNNI saturate with full-range weights (see
+    # dfq.kernels.fake_quant.weight_grid); off for TensorRT.
+    reduce_range: bool | None = None
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -60,6 +64,8 @@ class QuantConfig:
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError("percentile must lie in (50, 100]")
         self.keep_8bit = tuple(self.keep_8bit)
+        if self.reduce_range is None:
+            self.reduce_range = self.target == "onnxruntime"
 
     @property
     def name(self) -> str:
@@ -400,8 +406,8 @@ def quantize(model: nn.Module, config: QuantConfig, example_input: torch.Tensor)
     bits = _policy_bits(gm, config)
     for name, b in bits.items():
         layer = gm.get_submodule(name)
-        if layer.weight_quantizer.bits != b:
-            layer.weight_quantizer = type(layer.weight_quantizer)(layer.weight_quantizer.scale.numel(), b)
+        layer.weight_quantizer = type(layer.weight_quantizer)(layer.weight_quantizer.scale.numel(), b,
+                                                              config.reduce_range)
     need = quant_requirements(gm, bits, config)
     _insert_act_quantizers(gm, need, config)
     _link_bias_scales(gm, config)

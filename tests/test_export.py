@@ -108,3 +108,31 @@ def test_weights_are_int8_per_channel_and_int32_bias_for_onnxruntime():
     w = inits["stem.weight_quantized"]
     assert w.data_type == onnx.TensorProto.INT8 and list(inits["stem.weight.scale"].dims) == [8]
     assert inits["down.bias_quantized"].data_type == onnx.TensorProto.INT32
+
+
+def test_onnxruntime_weights_cannot_saturate_avx2_kernels():
+    """x86 U8S8 kernels without VNNI add pairs of u8*s8 products in int16 with saturation; the
+    onnxruntime target keeps 8-bit weights on [-63, 63] so the fused integer conv equals the
+    QDQ graph's meaning on every x86 CPU. A conv fed 255s with near-maximal weights shows it."""
+    from torch import nn
+
+    from dfq.pipeline.qmodules import QuantConv2d
+
+    qm = _quantized(8, "onnxruntime")
+    layers = [m for m in qm.module.modules() if isinstance(m, QuantConv2d)]
+    assert all(m.weight_quantizer.grid == Grid(-63, 63) for m in layers)
+    assert _quantized(8, "tensorrt").module.get_submodule("down").weight_quantizer.grid == Grid(-127, 127)
+    # worst case: saturating inputs and weights of one sign
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).eval()
+    model[3].weight.data = model[3].weight.data.abs()
+    x = torch.rand(64, 3, 8, 8) * 4
+    q = quantize(model, QuantConfig(bits=8, target="onnxruntime", keep_8bit=()), x[:2])
+    calibrate(q, x)
+    with torch.no_grad():
+        ref = q(x).numpy()
+    out = _run(build_onnx(q).qdq, x)
+    assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.98
+    assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max()
