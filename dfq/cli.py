@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dfq-export",
         description="Quantize a trained CNN without its training data and export a QDQ ONNX "
                     "(ONNX Runtime or TensorRT flavour), verified on ONNX Runtime.")
-    p.add_argument("model", help="checkpoint (.pth/.pt/.th): a state_dict or a dict holding one; loaded with "
+    p.add_argument("model", nargs="?", help="checkpoint (.pth/.pt/.th): a state_dict or a dict holding one; loaded with "
                                  "weights_only=True")
     p.add_argument("--arch", help="architecture name (default: inferred from the file name); see --list-archs")
     p.add_argument("--bits", type=int, default=8, help="WnAn bit width: 8 or 4 (default 8)")
@@ -54,9 +54,11 @@ def main(argv: list[str] | None = None) -> int:
 
             print("\n".join(list_archs()))
             return 0
-        if not args.out:
-            from dfq.errors import UsageError
+        from dfq.errors import UsageError
 
+        if not args.model:
+            raise UsageError("a checkpoint path is required: dfq-export MODEL --out OUT.onnx")
+        if not args.out:
             raise UsageError("--out is required: the path of the .onnx (or .engine) to write.")
         from dfq.job import ExportJob, run_export, summary_lines
 
@@ -72,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     except DfqError as exc:
         if args.debug:
             raise
+        if getattr(exc, "report", None) is not None:
+            from dfq.job import summary_lines
+
+            for line in summary_lines(exc.report):
+                print(line)
         print(f"dfq-export: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

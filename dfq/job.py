@@ -249,15 +249,18 @@ def run_export(job: ExportJob, *, log=print) -> dict:
     atomic_write_bytes(job.report_path, to_json(report))
     atomic_write_bytes(job.markdown_path, to_markdown(report).encode())
 
+    failure = None
     if violations:
-        raise VerificationError("The exported graph breaks TensorRT's Q/DQ rules:\n  " + "\n  ".join(violations))
-    if fidelity["agreement"] < MIN_AGREEMENT:
-        raise VerificationError(
+        failure = VerificationError("The exported graph breaks TensorRT's Q/DQ rules:\n  " + "\n  ".join(violations))
+    elif fidelity["agreement"] < MIN_AGREEMENT:
+        failure = VerificationError(
             f"The exported ONNX agrees with the fake-quant model on only {100 * fidelity['agreement']:.2f}% of "
             f"top-1 predictions ({fidelity['images']} images); expected at least {100 * MIN_AGREEMENT:.0f}%. "
             f"The artifact is not trustworthy; the report {job.report_path} has the details.")
-    if engine_error is not None:
-        raise engine_error
+    failure = failure or engine_error
+    if failure is not None:
+        failure.report = report  # the CLI still prints the summary
+        raise failure
     return report
 
 

@@ -45,3 +45,62 @@ def test_engine_paths():
     job = ExportJob(model="m.pth", out="dir/r18.engine")
     assert str(job.onnx_path) == "dir/r18.onnx" and str(job.fp_onnx_path) == "dir/r18.fp32.onnx"
     assert str(job.report_path) == "dir/r18.report.json" and str(job.markdown_path) == "dir/r18.report.md"
+
+
+def _tiny_resnet20_checkpoint(tmp_path):
+    from dfq.pipeline.models import get_spec
+
+    torch.manual_seed(0)
+    model = get_spec("resnet20").build()
+    path = tmp_path / "resnet20-test.pth"
+    torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, path)
+    return path
+
+
+def _job(tmp_path, out, **kw):
+    return ExportJob(model=str(_tiny_resnet20_checkpoint(tmp_path)), out=str(tmp_path / out), threads=1,
+                     synth_overrides={"num_images": 24, "batch_size": 24, "steps": 2}, latency_seconds=0.1,
+                     progress=False, **kw)
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+def test_end_to_end_export_writes_verified_artifacts(tmp_path, target):
+    from dfq.job import run_export
+
+    report = run_export(_job(tmp_path, "r20.onnx", target=target), log=lambda m: None)
+    for name in ("r20.onnx", "r20.fp32.onnx", "r20.report.json", "r20.report.md"):
+        assert (tmp_path / name).stat().st_size > 0
+    saved = json.loads((tmp_path / "r20.report.json").read_text())
+    assert saved["model"]["arch"] == "resnet20" and saved["model"]["source"]["prefix_stripped"] == "module."
+    assert saved["quant"]["layer_bits"]["conv1"] == 8
+    assert report["fidelity"]["agreement"] >= 0.99
+    assert saved["tensorrt_rule_violations"] == []
+    assert saved["latency"][0]["speedup"] > 0
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_engine_without_tensorrt_writes_onnx_and_explains(tmp_path):
+    from dfq.errors import EngineNotBuiltError
+    from dfq.export.tensorrt import tensorrt_status
+    from dfq.job import run_export
+
+    if tensorrt_status()[0]:
+        pytest.skip("TensorRT and a CUDA device are present: the engine would be built")
+    with pytest.raises(EngineNotBuiltError) as err:
+        run_export(_job(tmp_path, "r20.engine", target="tensorrt"), log=lambda m: None)
+    msg = str(err.value)
+    assert "NOT built" in msg and "trtexec --onnx=" in msg and str(tmp_path / "r20.onnx") in msg
+    assert ("TensorRT is not importable" in msg) or ("no CUDA device" in msg)
+    assert err.value.exit_code == 9
+    assert (tmp_path / "r20.onnx").exists() and not (tmp_path / "r20.engine").exists()
+    assert json.loads((tmp_path / "r20.report.json").read_text())["engine"]["status"] == "not built"
+
+
+def test_cli_subprocess_exit_codes(tmp_path):
+    exe = [sys.executable, "-m", "dfq.cli"]
+    missing = subprocess.run(exe + [str(tmp_path / "nope.pth"), "--out", str(tmp_path / "x.onnx")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 3 and "Traceback" not in missing.stderr
+    assert not (tmp_path / "x.onnx").exists()
+    archs = subprocess.run(exe + ["--list-archs"], capture_output=True, text=True)
+    assert archs.returncode == 0 and "resnet20" in archs.stdout and "efficientnet_lite0" in archs.stdout
