@@ -1,0 +1,313 @@
+"""BN-statistics inversion (``dfq.pipeline.synthesize``) on tiny seeded conv+BN models (CPU, fast)."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from dfq.pipeline.synthesize import (BNStatsHook, SynthConfig, batch_mean_var,
+                                     evaluate_synthetic, pixel_bounds, synthesize,
+                                     synthesize_batches, target_labels, total_variation)
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+SIZE = (3, 8, 8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The models here are tiny: one intra-op thread is faster than two and keeps the file
+    quick on a busy 2-core machine. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class TinyNet(nn.Module):
+    """conv-BN-ReLU, stride-2 conv-BN-ReLU, global pool, linear: 2 BN layers, 3x8x8 input."""
+
+    def __init__(self, num_classes: int = 5) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def fake_data(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Smooth colour blobs in [0, 1] (upsampled 2x2 noise), normalised like the model input."""
+    coarse = torch.rand(n, 3, 2, 2, generator=gen)
+    img = torch.nn.functional.interpolate(coarse, size=SIZE[1:], mode="bilinear",
+                                          align_corners=False)
+    return (img - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def make_model(seed: int = 0, num_classes: int = 5) -> TinyNet:
+    """Seeded weights; BN running statistics measured on :func:`fake_data` (so they are
+    reachable by an image batch, like a trained model's) and random BN affine parameters."""
+    torch.manual_seed(seed)
+    m = TinyNet(num_classes)
+    g = torch.Generator().manual_seed(seed + 100)
+    for bn in (m.bn1, m.bn2):
+        c = bn.num_features
+        bn.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
+        bn.bias.data.copy_(torch.rand(c, generator=g) * 0.4 - 0.2)
+        bn.momentum = None  # cumulative average over the batches below
+    m.train()
+    with torch.no_grad():
+        for _ in range(4):
+            m(fake_data(64, g))
+    return m.eval()
+
+
+def cfg(**kw) -> SynthConfig:
+    base = dict(num_images=12, batch_size=8, steps=6, lr=0.1, bn_weight=1.0, ce_weight=0.1,
+                tv_weight=0.01, l2_weight=0.001, jitter=1, flip=True, seed=0)
+    base.update(kw)
+    return SynthConfig(**base)
+
+
+def run(model, config, **kw):
+    return synthesize(model, SIZE, MEAN, STD, 5, config, progress=False, **kw)
+
+
+# ------------------------------------------------------------------------------- BNStatsHook
+
+
+def test_hook_loss_zero_when_batch_stats_match_running_stats():
+    model = make_model()
+    x = torch.randn(16, *SIZE, generator=torch.Generator().manual_seed(1)) * 1.3 + 0.2
+    with BNStatsHook(model) as hook:
+        assert len(hook) == 2
+        with torch.no_grad():
+            model(x)
+            before = float(hook.loss())
+            # Set each layer's running statistics to the batch statistics of its input, in
+            # order (a layer's input depends only on the layers before it).
+            for i, bn in enumerate(hook.layers):
+                model(x)
+                bn.running_mean.copy_(hook.means[i])
+                bn.running_var.copy_(hook.vars[i])
+            model(x)
+            after = hook.loss()
+            per_layer = hook.layer_losses()
+    assert before > 0.1
+    assert per_layer.shape == (2,)
+    assert float(after) == pytest.approx(0.0, abs=1e-6)
+    # the recorded statistics are the biased batch mean/variance of the BN input
+    a = model.conv1(x)
+    assert torch.allclose(model.bn1.running_mean, a.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(model.bn1.running_var, a.var(dim=(0, 2, 3), unbiased=False), atol=1e-5)
+
+
+def test_hook_loss_formula_and_gradient():
+    bn = nn.BatchNorm2d(3).eval()
+    bn.running_mean.copy_(torch.tensor([0.5, -1.0, 0.0]))
+    bn.running_var.copy_(torch.tensor([2.0, 0.5, 1.0]))
+    model = nn.Sequential(bn)
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    with BNStatsHook(model) as hook:
+        out = model(x)
+        loss = hook.loss()
+        loss.backward()
+    mu = x.detach().mean(dim=(0, 2, 3))
+    sd = torch.sqrt(x.detach().var(dim=(0, 2, 3), unbiased=False) + bn.eps)
+    expected = (torch.linalg.vector_norm(mu - bn.running_mean)
+                + torch.linalg.vector_norm(sd - torch.sqrt(bn.running_var + bn.eps)))
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+    # recording does not change the eval-mode forward
+    assert torch.equal(out, bn(x.detach()))
+
+
+def test_batch_mean_var_values_and_gradient():
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(6, 4, 5, 7, generator=g) * torch.tensor([0.1, 1.0, 3.0, 0.5]).view(1, 4, 1, 1)
+    a = a + torch.tensor([0.0, 2.0, -1.0, 5.0]).view(1, 4, 1, 1)
+    mu, var = batch_mean_var(a)
+    assert torch.allclose(mu, a.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(var, a.var(dim=(0, 2, 3), unbiased=False), atol=1e-5, rtol=1e-5)
+    a64 = a.double().requires_grad_()
+    assert torch.autograd.gradcheck(batch_mean_var, (a64,))
+    # only one output used: the other gradient arrives as None
+    gm, = torch.autograd.grad(batch_mean_var(a64)[0].sum(), a64)
+    assert torch.allclose(gm, torch.full_like(gm, 1 / (6 * 5 * 7)))
+    gv, = torch.autograd.grad(batch_mean_var(a64)[1].sum(), a64)
+    ref, = torch.autograd.grad(a64.var(dim=(0, 2, 3), unbiased=False).sum(), a64)
+    assert torch.allclose(gv, ref)
+
+
+def test_hook_remove_and_errors():
+    model = make_model()
+    hook = BNStatsHook(model)
+    assert all(len(bn._forward_hooks) == 1 for bn in (model.bn1, model.bn2))
+    with pytest.raises(RuntimeError, match="forward"):
+        hook.loss()
+    hook.remove()
+    assert all(len(bn._forward_hooks) == 0 for bn in (model.bn1, model.bn2))
+    with torch.no_grad():
+        model(torch.zeros(2, *SIZE))
+    assert hook.means == [None, None]
+    with pytest.raises(Exception, match="BatchNorm"):
+        BNStatsHook(nn.Sequential(nn.Conv2d(3, 3, 1)))
+
+
+def test_total_variation():
+    assert float(total_variation(torch.ones(2, 3, 4, 4))) == 0.0
+    x = torch.zeros(1, 1, 2, 2)
+    x[0, 0, 0, 0] = 1.0  # two vertical and two horizontal differences of 1 among 2+2 pairs
+    assert float(total_variation(x)) == pytest.approx(0.5 + 0.5)
+
+
+def test_pixel_bounds_and_labels():
+    lo, hi = pixel_bounds(MEAN, STD, 3)
+    assert lo.shape == hi.shape == (1, 3, 1, 1)
+    assert torch.allclose(lo.flatten(), -torch.tensor(MEAN) / torch.tensor(STD))
+    lo1, hi1 = pixel_bounds(127 / 255, 128 / 255, 3)
+    assert float(lo1[0, 0]) == pytest.approx(-127 / 128) and float(hi1[0, 0]) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        pixel_bounds((0.5, 0.5), (0.2, 0.2), 3)
+
+    y = target_labels(25, 10, seed=3)
+    assert y.dtype == torch.int64
+    assert sorted(y[:10].tolist()) == list(range(10))         # each class once per cycle
+    assert torch.equal(y[10:20], y[:10])
+    assert torch.equal(target_labels(15, 10, seed=3, start=10), y[10:25])
+    assert not torch.equal(target_labels(10, 10, seed=4), y[:10])
+
+
+# ------------------------------------------------------------------------------- synthesize
+
+
+def test_synthesize_shapes_range_labels():
+    model = make_model()
+    config = cfg()
+    x, y = run(model, config)
+    assert x.shape == (12, *SIZE) and x.dtype == torch.float32 and not x.requires_grad
+    assert y.shape == (12,) and y.dtype == torch.int64
+    assert torch.equal(y, target_labels(12, 5, seed=0))
+    lo, hi = pixel_bounds(MEAN, STD, 3)
+    assert bool((x >= lo).all()) and bool((x <= hi).all())
+    assert torch.isfinite(x).all()
+    # clamping actually bites: some pixels sit on the bounds (noise init exceeds them)
+    assert bool((x == lo).any() or (x == hi).any())
+
+
+def test_synthesize_deterministic_and_seeded():
+    model = make_model()
+    x1, y1 = run(model, cfg(seed=7))
+    torch.manual_seed(12345)  # the global RNG plays no part
+    x2, y2 = run(model, cfg(seed=7))
+    x3, _ = run(model, cfg(seed=8))
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(x1, x3)
+
+
+def test_synthesize_batches_resume_matches_full_run():
+    model = make_model()
+    config = cfg(num_images=20, batch_size=8)   # batches of 8, 8, 4
+    batches = list(synthesize_batches(model, SIZE, MEAN, STD, 5, config, progress=False))
+    assert [len(b[0]) for b in batches] == [8, 8, 4]
+    resumed = list(synthesize_batches(model, SIZE, MEAN, STD, 5, config, progress=False,
+                                      start_batch=1))
+    assert len(resumed) == 2
+    for (xa, ya), (xb, yb) in zip(batches[1:], resumed):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    x, y = run(model, config)
+    assert torch.equal(x, torch.cat([b[0] for b in batches]))
+
+
+def test_bns_loss_decreases():
+    model = make_model()
+    config = cfg(num_images=16, batch_size=16, steps=40, lr=0.1, ce_weight=0.05, jitter=0,
+                 flip=False, tv_weight=0.0, l2_weight=0.0)
+    log: list[dict] = []
+    x, y = run(model, config, log=log)
+    assert len(log) == 40 and [r["step"] for r in log] == list(range(40))
+    first, last = log[0]["bns"], min(r["bns"] for r in log[-5:])
+    assert last < 0.5 * first
+    lo, hi = pixel_bounds(MEAN, STD, 3)
+    noise = torch.maximum(torch.minimum(torch.randn(16, *SIZE), hi), lo)
+    q_syn = evaluate_synthetic(model, x, y, batch_size=16)
+    q_noise = evaluate_synthetic(model, noise, y, batch_size=16)
+    assert q_syn["bns"] < 0.5 * q_noise["bns"]
+    assert q_syn["mean_confidence"] > q_noise["mean_confidence"]
+
+
+def test_model_untouched():
+    model = make_model()
+    model.train()
+    model.fc.weight.requires_grad_(False)
+    state = copy.deepcopy(model.state_dict())
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    run(model, cfg())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training and model.bn1.training
+    assert all(len(bn._forward_hooks) == 0 for bn in (model.bn1, model.bn2))
+
+
+def test_works_under_no_grad_and_with_progress(capsys):
+    model = make_model()
+    with torch.no_grad():
+        x, _ = synthesize(model, SIZE, MEAN, STD, 5, cfg(num_images=4, steps=3), progress=True)
+    assert x.shape == (4, *SIZE)
+
+
+def test_synthesize_rejects_bad_arguments():
+    model = make_model()
+    with pytest.raises(ValueError, match="input_size"):
+        synthesize(model, (3, 8), MEAN, STD, 5, cfg(), progress=False)
+    with pytest.raises(ValueError, match="num_classes"):
+        synthesize(model, SIZE, MEAN, STD, 0, cfg(), progress=False)
+    with pytest.raises(ValueError, match="start_batch"):
+        next(synthesize_batches(model, SIZE, MEAN, STD, 5, cfg(), progress=False, start_batch=9))
+
+
+# ------------------------------------------------------------------------------- SynthConfig
+
+
+@pytest.mark.parametrize("field,value", [
+    ("num_images", 0), ("batch_size", -1), ("steps", 0), ("steps", 2.5), ("lr", 0.0),
+    ("lr", float("nan")), ("bn_weight", -1.0), ("tv_weight", float("inf")), ("jitter", -1),
+    ("flip", 1), ("seed", -3),
+])
+def test_config_validation(field, value):
+    with pytest.raises(ValueError, match=field):
+        cfg(**{field: value})
+
+
+def test_config_needs_a_matching_term():
+    with pytest.raises(ValueError, match="bn_weight"):
+        cfg(bn_weight=0.0, ce_weight=0.0)
+
+
+@pytest.mark.parametrize("budget", ["fast", "default", "long"])
+def test_for_budget(budget):
+    small = SynthConfig.for_budget(budget, (3, 32, 32), seed=3)
+    large = SynthConfig.for_budget(budget, (3, 224, 224))
+    assert small.seed == 3 and large.seed == 0
+    assert small.num_images * small.steps > large.num_images * large.steps
+    assert small.to_dict()["method"] == "bns"
+    assert SynthConfig(**{k: v for k, v in small.to_dict().items() if k != "method"}) == small
+    assert dataclasses.replace(small, num_images=5).num_images == 5
+
+
+def test_budgets_grow():
+    costs = [SynthConfig.for_budget(b, (3, 32, 32)) for b in ("fast", "default", "long")]
+    work = [c.num_images * c.steps for c in costs]
+    assert work == sorted(work) and work[0] < work[-1]
+    with pytest.raises(ValueError, match="budget"):
+        SynthConfig.for_budget("huge", (3, 32, 32))
