@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         "bits": rep["quant"]["name"], "target": args.target, "budget": args.budget, "seed": args.seed,
         "top1_fp": f["top1_fp"], "top1_int": f["top1_int"], "top1_fakequant": f["top1_fakequant"],
         "drop_points": f["top1_drop_points"], "agreement": f["agreement"],
-        "agreement_with_fp": f["agreement_with_fp"], "images": f["images"],
+        "agreement_with_fp": f["agreement_with_fp"], "agreement_exact": f.get("agreement_exact"), "images": f["images"],
         "calibration": rep["calibration"]["method"], "synthetic_images": rep["synthesis"]["num_images"],
         "wall_s": wall, "exit_code": proc.returncode, "timings_s": rep["timings_s"],
         "latency": rep["latency"], "commit": rep["commit"],
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     records = merge_records(Path(args.out), [rec], key=("model", "dataset", "method", "bits", "target", "budget"))
     write_markdown(Path(args.out).with_suffix(".md"), records,
                    ["model", "dataset", "method", "bits", "target", "budget", "top1_fp", "top1_int",
-                    "drop_points", "agreement", "wall_s", "commit"],
+                    "drop_points", "agreement", "agreement_exact", "wall_s", "commit"],
                    "Accuracy of exported artifacts (ONNX Runtime, CPU) vs FP32 on the same images")
     return proc.returncode
 

@@ -25,7 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
                    help="artifact flavour; fixes activation grids and Q/DQ placement (default onnxruntime)")
     p.add_argument("--out", required=False, help="output .onnx, or .engine/.plan (the .onnx is written beside it)")
-    p.add_argument("--method", default="bns", help="synthetic-data method (default bns)")
+    p.add_argument("--method", default="acq",
+                   help="data-free method: acq (default), gdfq, dsg, clusterq, ddaq, bns-ft (fine-tune on BN-inversion "
+                        "images) or bns (BN inversion and calibration only, no fine-tuning)")
+    p.add_argument("--steps", type=int, help="fine-tuning steps (default: set by --budget)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the fine-tuning checkpoint of an interrupted run of the same command")
+    p.add_argument("--checkpoint", help="fine-tuning checkpoint path (default: <out>.finetune.ckpt; written every "
+                                        "few minutes, removed when the run succeeds)")
     p.add_argument("--val", help="ImageFolder of real labelled images for accuracy (optional)")
     p.add_argument("--val-limit", type=int, help="use at most this many --val images")
     p.add_argument("--budget", default="default", choices=["fast", "default", "long"],
@@ -63,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         from dfq.job import ExportJob, run_export, summary_lines
 
         job = ExportJob(model=args.model, out=args.out, arch=args.arch, bits=args.bits, target=args.target,
-                        method=args.method, val=args.val, val_limit=args.val_limit, budget=args.budget,
+                        method=args.method, steps=args.steps, resume=args.resume, checkpoint=args.checkpoint,
+                        val=args.val, val_limit=args.val_limit, budget=args.budget,
                         seed=args.seed, report=args.report,
                         reduce_range=False if args.full_range_weights else None, force=args.force, threads=args.threads,
                         latency_batches=tuple(args.latency_batches or (1,)), progress=not args.no_progress)

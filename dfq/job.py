@@ -15,7 +15,9 @@ from dfq.errors import OutputError, UnsupportedModelError, UsageError, Verificat
 from dfq.kernels.fake_quant import activation_grid, weight_grid
 
 BUDGETS = ("fast", "default", "long")
-METHODS = ("bns",)
+from dfq.pipeline.recipes import DEFAULT_METHOD, RECIPES  # noqa: E402 (light: dataclasses only)
+
+METHODS = tuple(RECIPES)
 ENGINE_SUFFIXES = (".engine", ".plan")
 
 # An exported artifact that disagrees with the model it came from more often than this is a
@@ -32,7 +34,10 @@ class ExportJob:
     arch: str | None = None
     bits: int = 8
     target: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
-    method: str = "bns"
+    method: str = DEFAULT_METHOD
+    steps: int | None = None              # fine-tuning steps (default: the budget's)
+    resume: bool = False                  # continue the fine-tuning checkpoint of an interrupted run
+    checkpoint: str | None = None         # default: <out stem>.finetune.ckpt beside the ONNX
     val: str | None = None
     val_limit: int | None = None
     budget: Literal["fast", "default", "long"] = "default"
@@ -46,6 +51,8 @@ class ExportJob:
     progress: bool = True
     # API-level overrides of the budget's SynthConfig fields (e.g. {"num_images": 32, "steps": 5})
     synth_overrides: dict = field(default_factory=dict)
+    # API-level overrides of the budget's FinetuneConfig fields (e.g. {"batch": 8})
+    finetune_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -62,6 +69,11 @@ class ExportJob:
             raise UsageError("latency batch sizes must be at least 1.")
         if self.val_limit is not None and self.val_limit < 1:
             raise UsageError("--val-limit must be at least 1.")
+        if self.steps is not None and self.steps < 1:
+            raise UsageError("--steps must be at least 1.")
+        if (self.steps is not None or self.resume) and not RECIPES[self.method].trains:
+            raise UsageError(f"--method {self.method} does not fine-tune, so --steps/--resume do not apply; "
+                             "choose a fine-tuning method (e.g. --method acq).")
 
     # -- output paths ------------------------------------------------------------------------
     @property
@@ -86,6 +98,11 @@ class ExportJob:
     def markdown_path(self) -> Path:
         return self.report_path.with_suffix(".md")
 
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(self.checkpoint) if self.checkpoint else self.onnx_path.with_name(
+            self.onnx_path.stem + ".finetune.ckpt")
+
     def outputs(self) -> list[Path]:
         paths = [self.onnx_path, self.fp_onnx_path, self.report_path, self.markdown_path]
         return paths + ([self.engine_path] if self.engine_path else [])
@@ -101,7 +118,10 @@ class ExportJob:
         if existing and not self.force:
             raise OutputError(f"Output already exists: {', '.join(existing)}. Pass --force to overwrite, "
                               "or choose another --out.")
-        for p in self.outputs():
+        if RECIPES[self.method].trains and not self.resume and not self.force and self.checkpoint_path.exists():
+            raise OutputError(f"A fine-tuning checkpoint from an earlier, unfinished run exists: {self.checkpoint_path}. "
+                              "Pass --resume to continue it (same command), or --force to start over.")
+        for p in self.outputs() + [self.checkpoint_path]:
             parent = p.parent if str(p.parent) else Path(".")
             if not parent.is_dir():
                 raise OutputError(f"The output directory {parent} does not exist; create it or choose another --out.")
@@ -164,7 +184,7 @@ def run_export(job: ExportJob, *, log=print) -> dict:
         synth_cfg = dataclasses.replace(synth_cfg, **job.synth_overrides)
     log(f"[dfq] synthesizing {synth_cfg.num_images} images from {spec.name}'s BatchNorm statistics "
         f"({job.method}, budget {job.budget})")
-    images, _labels = synthesize(loaded.model, spec.input_size, spec.mean, spec.std, spec.num_classes,
+    images, synth_labels = synthesize(loaded.model, spec.input_size, spec.mean, spec.std, spec.num_classes,
                                  synth_cfg, progress=job.progress)
     timings["synthesize"] = time.perf_counter() - t
 
@@ -178,6 +198,29 @@ def run_export(job: ExportJob, *, log=print) -> dict:
     timings["quantize"] = time.perf_counter() - t
     log(f"[dfq] {qconfig.name} for {job.target}: {len(qmodel.layer_bits)} layers, "
         f"{calib_result.num_quantizers} activation quantizers, calibration '{calib_result.method}'")
+
+    # fine-tune --------------------------------------------------------------------------------
+    recipe = RECIPES[job.method]
+    finetune_report = {"recipe": recipe.to_dict(), "ran": False}
+    if recipe.trains:
+        from dfq.pipeline.finetune import FinetuneConfig, checkpoint_fingerprint, finetune
+
+        t = time.perf_counter()
+        ft_cfg = FinetuneConfig.for_budget(job.budget, spec.input_size, steps=job.steps, seed=job.seed)
+        if job.finetune_overrides:
+            ft_cfg = dataclasses.replace(ft_cfg, **job.finetune_overrides)
+        fingerprint = checkpoint_fingerprint(
+            model_sha256=loaded.source["sha256"], arch=spec.name, bits=job.bits, target=job.target,
+            method=job.method, seed=job.seed, reduce_range=qconfig.reduce_range, synth=synth_cfg.to_dict(),
+            finetune=ft_cfg.to_dict())
+        log(f"[dfq] fine-tuning ({recipe.name}: {recipe.summary}) for {ft_cfg.steps} steps of batch {ft_cfg.batch}; "
+            f"checkpoint {job.checkpoint_path}")
+        ft = finetune(loaded.model, qmodel, recipe, ft_cfg, input_size=spec.input_size,
+                      num_classes=spec.num_classes, fixed=(calib, synth_labels[:len(calib)]),
+                      checkpoint=job.checkpoint_path, fingerprint=fingerprint, resume=job.resume,
+                      progress=job.progress, log=log)
+        timings["finetune"] = time.perf_counter() - t
+        finetune_report.update(ran=True, config=ft_cfg.to_dict(), result=ft.to_dict(), seconds=timings["finetune"])
 
     # export -----------------------------------------------------------------------------------
     t = time.perf_counter()
@@ -193,17 +236,21 @@ def run_export(job: ExportJob, *, log=print) -> dict:
     # disk so that ORT's float kernels do exactly that). ORT's fused x86 kernels would add their
     # own int16 saturation for full-range weights, and its unfused float path rounds every
     # product, which flips about 1% of ResNet-20's answers through 20 layers.
+    import onnx
+
+    from dfq.export.exact import exact_integer_graph
+
+    exact = make_session(exact_integer_graph(onnx.load(str(job.onnx_path))), threads=job.threads,
+                         optimization="disable")
+    extra_sessions = {}
     if job.target == "tensorrt":
-        import onnx
-
-        from dfq.export.exact import exact_integer_graph
-
-        session = make_session(exact_integer_graph(onnx.load(str(job.onnx_path))), threads=job.threads,
-                               optimization="disable")
+        session = exact
         check_runtime = "onnxruntime, integer-exact evaluation of the QDQ graph (int32 accumulation as in TensorRT)"
     else:
         session = make_session(str(job.onnx_path), threads=job.threads, optimization="all")
-        check_runtime = "onnxruntime, all graph optimizations (fused integer kernels)"
+        extra_sessions["exact"] = exact
+        check_runtime = ("onnxruntime, all graph optimizations (its fused integer kernels); agreement_exact: "
+                         "integer-exact evaluation of the same graph")
     if val_set is not None:
         from dfq.pipeline.data import iterate_images
 
@@ -212,7 +259,8 @@ def run_export(job: ExportJob, *, log=print) -> dict:
     else:
         batches = tensor_batches(holdout, 32)
         data_name = "held-out synthetic images"
-    fidelity = compare_on_batches(loaded.model.eval(), qmodel.module.eval(), session, batches)
+    fidelity = compare_on_batches(loaded.model.eval(), qmodel.module.eval(), session, batches,
+                                  extra_sessions=extra_sessions)
     fidelity["data"] = data_name
     fidelity["runtime"] = check_runtime
     timings["check"] = time.perf_counter() - t
@@ -243,6 +291,7 @@ def run_export(job: ExportJob, *, log=print) -> dict:
                                                 "grid": [q.grid.qmin, q.grid.qmax]}
                                             for n, q in sorted(qmodel.act_quantizers().items())}},
         "calibration": calib_result.to_dict(),
+        "finetune": finetune_report,
         "tensorrt_rule_violations": violations,
         "fidelity": fidelity,
         "latency": latency,
@@ -275,6 +324,8 @@ def run_export(job: ExportJob, *, log=print) -> dict:
             f"top-1 predictions ({fidelity['images']} images); expected at least {100 * MIN_AGREEMENT:.0f}%. "
             f"The artifact is not trustworthy; the report {job.report_path} has the details.")
     failure = failure or engine_error
+    if failure is None and recipe.trains and job.checkpoint_path.exists():
+        job.checkpoint_path.unlink()   # the run finished; the artifact holds the trained model
     if failure is not None:
         failure.report = report  # the CLI still prints the summary
         raise failure
@@ -285,7 +336,8 @@ def summary_lines(report: dict) -> list[str]:
     f = report["fidelity"]
     lines = [f"[dfq] wrote {report['outputs']['onnx']} ({report['quant']['name']}, target {report['quant']['target']})"]
     lines.append(f"[dfq] agreement with fake-quant model: {100 * f['agreement']:.2f}% on {f['images']} {f['data']}"
-                 f" (max |logit diff| {f['max_abs_logit_diff']:.3g})")
+                 f" (max |logit diff| {f['max_abs_logit_diff']:.3g})"
+                 + (f"; integer-exact evaluation {100 * f['agreement_exact']:.2f}%" if "agreement_exact" in f else ""))
     if "top1_fp" in f:
         lines.append(f"[dfq] top-1: FP {100 * f['top1_fp']:.2f}%  exported {100 * f['top1_int']:.2f}%  "
                      f"(drop {f['top1_drop_points']:.2f} points)")

@@ -60,7 +60,7 @@ class Tally:
 @torch.no_grad()
 def compare_on_batches(fp_model: torch.nn.Module, fq_model: torch.nn.Module, session,
                        batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]], *,
-                       progress=None, recheck_margin: float = 1.0) -> dict:
+                       progress=None, recheck_margin: float = 1.0, extra_sessions: dict | None = None) -> dict:
     """Run the FP model, the fake-quant model and the exported ONNX (``session``) on the same
     batches; return agreement, logit differences and, when labels are given, top-1 of each.
     The torch models run in channels-last memory format (about 1.5x faster convs on the CPU);
@@ -70,12 +70,17 @@ def compare_on_batches(fp_model: torch.nn.Module, fq_model: torch.nn.Module, ses
     artifact's exact integer accumulation in the last bits, which flips a rounding step now and
     then. Images where the exported top-1 differs from the float32 reference, or where the
     reference's top-2 margin is below ``recheck_margin``, are re-run in float64 (8x slower, so
-    not for every image), whose result replaces the float32 one."""
+    not for every image), whose result replaces the float32 one.
+
+    ``extra_sessions`` (name -> session) run the same images; their top-1 agreement with the
+    reference is reported as ``agreement_<name>``."""
     fq64 = copy.deepcopy(fq_model).double()
     fp_model.to(memory_format=torch.channels_last)
     fq_model.to(memory_format=torch.channels_last)
     tally = Tally()
     rechecked = 0
+    extra_sessions = extra_sessions or {}
+    extra_agree = {k: 0 for k in extra_sessions}
     with_labels = False
     input_name = session.get_inputs()[0].name
     for images, labels in batches:
@@ -83,12 +88,19 @@ def compare_on_batches(fp_model: torch.nn.Module, fq_model: torch.nn.Module, ses
         fp = fp_model(fast).float().numpy()
         fq = fq_model(fast).float().numpy()
         q = session.run(None, {input_name: images.numpy().astype(np.float32)})[0]
+        extra = {k: s.run(None, {s.get_inputs()[0].name: images.numpy().astype(np.float32)})[0]
+                 for k, s in extra_sessions.items()}
+        disagree = q.argmax(1) != fq.argmax(1)
+        for e in extra.values():
+            disagree |= e.argmax(1) != fq.argmax(1)
         top2 = np.sort(fq, axis=1)[:, -2:]
-        recheck = (q.argmax(1) != fq.argmax(1)) | (top2[:, 1] - top2[:, 0] < recheck_margin)
+        recheck = disagree | (top2[:, 1] - top2[:, 0] < recheck_margin)
         if recheck.any():
             idx = torch.from_numpy(np.nonzero(recheck)[0])
             fq[recheck] = fq64(images[idx].double()).float().numpy()
             rechecked += int(recheck.sum())
+        for k, e in extra.items():
+            extra_agree[k] += int((e.argmax(1) == fq.argmax(1)).sum())
         lab = None if labels is None else labels.numpy()
         with_labels = with_labels or lab is not None
         tally.update(fp, fq, q, lab)
@@ -96,6 +108,8 @@ def compare_on_batches(fp_model: torch.nn.Module, fq_model: torch.nn.Module, ses
             progress.update(len(images))
     out = tally.summary(with_labels)
     out["reference_rechecked_float64"] = rechecked
+    for k, v in extra_agree.items():
+        out[f"agreement_{k}"] = v / max(1, tally.n)
     return out
 
 

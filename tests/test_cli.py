@@ -60,7 +60,7 @@ def _tiny_resnet20_checkpoint(tmp_path):
 def _job(tmp_path, out, **kw):
     return ExportJob(model=str(_tiny_resnet20_checkpoint(tmp_path)), out=str(tmp_path / out), threads=1,
                      synth_overrides={"num_images": 24, "batch_size": 24, "steps": 2}, latency_seconds=0.1,
-                     progress=False, **kw)
+                     progress=False, **{"method": "bns", **kw})
 
 
 @pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
@@ -104,3 +104,25 @@ def test_cli_subprocess_exit_codes(tmp_path):
     assert not (tmp_path / "x.onnx").exists()
     archs = subprocess.run(exe + ["--list-archs"], capture_output=True, text=True)
     assert archs.returncode == 0 and "resnet20" in archs.stdout and "efficientnet_lite0" in archs.stdout
+
+
+def test_end_to_end_acq_fine_tunes_and_cleans_its_checkpoint(tmp_path):
+    from dfq.job import run_export
+
+    job = _job(tmp_path, "r20.onnx", method="acq", bits=4,
+               finetune_overrides={"steps": 3, "batch": 8, "warmup_steps": 1, "latent": 16})
+    report = run_export(job, log=lambda m: None)
+    ft = report["finetune"]
+    assert ft["ran"] and ft["recipe"]["name"] == "acq" and ft["result"]["steps"] == 3
+    assert report["fidelity"]["agreement"] >= 0.99
+    assert not job.checkpoint_path.exists()   # removed after success
+
+
+def test_leftover_checkpoint_needs_resume_or_force(tmp_path):
+    job = ExportJob(model="m.pth", out=str(tmp_path / "x.onnx"), method="acq")
+    job.checkpoint_path.write_bytes(b"partial")
+    with pytest.raises(OutputError, match="--resume"):
+        job.check_outputs()
+    ExportJob(model="m.pth", out=str(tmp_path / "x.onnx"), method="acq", resume=True).check_outputs()
+    with pytest.raises(UsageError, match="does not fine-tune"):
+        ExportJob(model="m.pth", out=str(tmp_path / "x.onnx"), method="bns", steps=10)

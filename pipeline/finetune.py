@@ -1,0 +1,550 @@
+"""Quantization-aware fine-tuning by distillation on synthetic images (the ``finetune`` stage).
+
+The student is the fake-quant model in Tune mode (BN folded into every conv on the fly, BN
+statistics frozen), so what trains is exactly what is exported: conv/linear weights, the folded
+BN affine parameters, and the LSQ step sizes of every weight and activation quantizer
+(:func:`dfq.kernels.fake_quant.fake_quantize` is the straight-through estimator with LSQ's scale
+gradient). The teacher is the FP model, frozen, in eval mode.
+
+Each step of a generative recipe (:mod:`dfq.pipeline.recipes`):
+
+1. draw labels (and ACQ's attention centres) and noise from a generator seeded by
+   ``(seed, step)`` - so a resumed run draws exactly what the uninterrupted run drew;
+2. generator update: the FP model sees the batch; the recipe's weighted terms form the loss;
+   discriminators (DDAQ) and EMA centroids (ClusterQ) update on the detached features;
+3. student update (after ``warmup_steps`` generator-only steps): ``T^2 KL(teacher || student)`` on
+   the same, detached batch (+ the recipe's student terms); Adam, cosine learning-rate decay.
+
+The ``fixed`` recipe (``bns-ft``) skips 1-2 and distils on the BN-inversion images instead.
+Everything trainable (student, generator, discriminators, optimizers, schedulers, centroids) is
+saved to an atomic checkpoint every ``checkpoint_seconds`` and at the end; ``resume`` restores it,
+and the run continues from the saved step with identical results (per-step seeding, no other
+randomness). The model exported is the one at the end of the schedule: nothing here looks at real
+images.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dfq.errors import CheckpointError
+from dfq.kernels.attention import attention_centre, attention_map
+from dfq.pipeline import losses as L
+from dfq.pipeline.discriminators import BNStatsDiscriminator, DiscrepancyDiscriminator, importance_prior
+from dfq.pipeline.generators import make_generator, sample_centres
+from dfq.pipeline.qmodules import QuantConv2d, QuantLinear
+from dfq.pipeline.quantize import QuantizedModel
+from dfq.pipeline.recipes import Recipe
+from dfq.pipeline.synthesize import batch_mean_var
+
+CHECKPOINT_FORMAT = "dfq-finetune-1"
+
+
+@dataclass
+class FinetuneConfig:
+    steps: int = 1000
+    batch: int = 64
+    warmup_steps: int = 50            # generator-only steps before the student trains
+    lr_weights: float = 1e-4          # student weights and folded-BN affine (Adam)
+    lr_scales: float = 1e-3           # LSQ step sizes (Adam)
+    lr_generator: float = 1e-3        # Adam(0.5, 0.999), as GDFQ
+    lr_discriminator: float = 1e-3
+    latent: int = 100
+    seed: int = 0
+    checkpoint_seconds: float = 300.0
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch < 2:
+            raise ValueError("fine-tuning needs steps >= 1 and batch >= 2")
+        if self.warmup_steps >= self.steps:
+            self.warmup_steps = max(0, self.steps // 10)
+
+    @classmethod
+    def for_budget(cls, budget: str, input_size: tuple[int, int, int], *, steps: int | None = None,
+                   seed: int = 0) -> "FinetuneConfig":
+        """Schedules per budget, sized by measured step times on a 2-core CPU (README)."""
+        small = input_size[1] * input_size[2] <= 64 * 64
+        table = {  # (steps, batch, warmup)
+            "fast": (300, 64, 30) if small else (60, 16, 10),
+            "default": (2000, 64, 100) if small else (400, 16, 40),
+            "long": (6000, 64, 200) if small else (1500, 32, 100),
+        }
+        if budget not in table:
+            raise ValueError(f"unknown budget {budget!r} (fast, default, long)")
+        n, batch, warm = table[budget]
+        if steps is not None:
+            warm = min(warm, max(0, steps // 10))
+            n = steps
+        return cls(steps=n, batch=batch, warmup_steps=warm, seed=seed)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Taps:
+    """Forward hooks on the FP model: every BatchNorm2d's input (with autograd) and the input of
+    the last Linear (penultimate features)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not self.bns:
+            raise ValueError("the FP model has no BatchNorm2d layers")
+        self.features: list[torch.Tensor | None] = [None] * len(self.bns)
+        self.penultimate: torch.Tensor | None = None
+        self.handles = [bn.register_forward_hook(self._hook(i)) for i, bn in enumerate(self.bns)]
+        if linears:
+            self.handles.append(linears[-1].register_forward_pre_hook(self._pre_linear))
+
+    def _hook(self, i: int):
+        def hook(module, inputs, output):
+            self.features[i] = inputs[0]
+        return hook
+
+    def _pre_linear(self, module, inputs):
+        self.penultimate = inputs[0]
+
+    def running(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(bn.running_mean, bn.running_var) for bn in self.bns]
+
+    def stats(self) -> L.Stats:
+        out = []
+        for f, bn in zip(self.features, self.bns):
+            mu, var = batch_mean_var(f)
+            out.append((mu, var, bn.running_mean, bn.running_var))
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class _LayerOutputs:
+    """Forward hooks recording the outputs of the quantized layers of a student-shaped module."""
+
+    def __init__(self, module: nn.Module, names: list[str]) -> None:
+        self.outputs: dict[str, torch.Tensor] = {}
+        mods = dict(module.named_modules())
+        self.handles = [mods[n].register_forward_hook(self._hook(n)) for n in names]
+        self.names = names
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            self.outputs[name] = output
+        return hook
+
+    def ordered(self) -> list[torch.Tensor]:
+        return [self.outputs[n] for n in self.names]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class _BNBatchStatsNoUpdate:
+    """BN layers in train mode (batch statistics) without touching their running statistics."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def __enter__(self):
+        self.saved = [(bn.training, bn.momentum, bn.num_batches_tracked.clone()
+                       if bn.num_batches_tracked is not None else None) for bn in self.bns]
+        for bn in self.bns:
+            bn.train()
+            bn.momentum = 0.0
+        return self
+
+    def __exit__(self, *exc):
+        for bn, (training, momentum, nbt) in zip(self.bns, self.saved):
+            bn.train(training)
+            bn.momentum = momentum
+            if nbt is not None:
+                bn.num_batches_tracked.copy_(nbt)
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + 17) % (2 ** 63 - 1))
+
+
+def _cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return 0.0
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+@dataclass
+class FinetuneResult:
+    steps: int
+    wall_s: float
+    steps_per_s: float
+    first_kd: float | None
+    last_kd: float | None
+    history: list[dict]
+    resumed_from: int | None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["history"] = self.history[-20:]
+        return d
+
+
+class Finetuner:
+    """Holds the state of one fine-tuning run (see the module docstring)."""
+
+    def __init__(self, teacher: nn.Module, qmodel: QuantizedModel, recipe: Recipe, cfg: FinetuneConfig, *,
+                 input_size: tuple[int, int, int], num_classes: int,
+                 fixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        if not recipe.trains:
+            raise ValueError(f"recipe {recipe.name} does not fine-tune")
+        if recipe.generator == "fixed" and fixed is None:
+            raise ValueError("the 'fixed' recipe needs the synthetic images to fine-tune on")
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.qmodel, self.student = qmodel, qmodel.module
+        self.recipe, self.cfg = recipe, cfg
+        self.input_size, self.num_classes = input_size, num_classes
+        self.fixed = fixed
+        self.step = 0
+        self.history: list[dict] = []
+        torch.manual_seed(cfg.seed)   # parameter initialisation of the generator/discriminators
+
+        self.student.eval()           # BN is folded; eval keeps dropout/stochastic depth off
+        scales = [p for n, p in self.student.named_parameters() if n.endswith("scale")]
+        weights = [p for n, p in self.student.named_parameters() if not n.endswith("scale")]
+        for p in scales + weights:
+            p.requires_grad_(True)
+        self.opt_s = torch.optim.Adam([{"params": weights, "lr": cfg.lr_weights},
+                                       {"params": scales, "lr": cfg.lr_scales}])
+        self.base_lrs = [cfg.lr_weights, cfg.lr_scales]
+
+        self.generator = None
+        self.opt_g = None
+        self.taps = None
+        self.centroids = None
+        self.bn_disc = self.disc = None
+        self.opt_d = None
+        self.twin = None
+        if recipe.generator in ("conditional", "acq"):
+            self.generator = make_generator(recipe.generator, num_classes, input_size, latent=cfg.latent)
+            self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_generator, betas=(0.5, 0.999))
+            self.taps = _Taps(self.teacher)
+            terms = recipe.terms
+            if "centroid" in terms:
+                dim = self._penultimate_dim()
+                self.centroids = L.ClassCentroids(num_classes, dim, recipe.centroid_decay)
+            disc_params = []
+            if "bn_adversarial" in terms:
+                spatial = self._bn_spatial()
+                self.bn_disc = BNStatsDiscriminator(self.taps.running(), spatial, group=recipe.bn_group)
+                disc_params += list(self.bn_disc.parameters())
+            if "discrepancy" in terms or recipe.student_discrepancy:
+                layers = [(n, m) for n, m in self.student.named_modules() if isinstance(m, QuantConv2d)]
+                self.layer_names = [n for n, _ in layers]
+                prior = importance_prior([m for _, m in layers])
+                if self.bn_disc is not None and len(self.bn_disc.weights) == len(prior):
+                    self.bn_disc.weights.copy_(prior)
+                self.disc = DiscrepancyDiscriminator([m.out_channels for _, m in layers], prior)
+                disc_params += list(self.disc.parameters())
+                import copy
+
+                self.twin = copy.deepcopy(qmodel)
+                self.twin.set_enabled(False, False)
+                self.twin.module.eval()
+                for p in self.twin.module.parameters():
+                    p.requires_grad_(False)
+            if disc_params:
+                self.opt_d = torch.optim.Adam(disc_params, lr=cfg.lr_discriminator, betas=(0.5, 0.999))
+
+    # -- shapes --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _probe(self) -> None:
+        x = torch.zeros(2, *self.input_size)
+        self.teacher(x)
+
+    def _penultimate_dim(self) -> int:
+        self._probe()
+        if self.taps.penultimate is None:
+            raise ValueError("ClusterQ needs a final Linear layer (penultimate features)")
+        return self.taps.penultimate.flatten(1).shape[1]
+
+    def _bn_spatial(self) -> list[int]:
+        self._probe()
+        return [f.shape[2] * f.shape[3] for f in self.taps.features]
+
+    # -- one step ------------------------------------------------------------------------------
+    def _sample(self, gen: torch.Generator):
+        b, r = self.cfg.batch, self.recipe
+        if r.generator == "acq":
+            half = b // 2
+            labels = torch.randint(0, self.num_classes, (half,), generator=gen).repeat(2)
+            centres = sample_centres(half, r.centre_radius, gen).repeat(2, 1)
+            z = torch.randn(2 * half, self.cfg.latent, generator=gen)
+            return z, labels, centres
+        labels = torch.randint(0, self.num_classes, (b,), generator=gen)
+        return torch.randn(b, self.cfg.latent, generator=gen), labels, None
+
+    def _generator_step(self, gen: torch.Generator, log: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        r, w = self.recipe, self.recipe.terms
+        z, labels, centres = self._sample(gen)
+        self.generator.train()
+        images = self.generator(z, labels, centres) if centres is not None else self.generator(z, labels)
+        att_train = None
+        if "consistency" in w:
+            with _BNBatchStatsNoUpdate(self.teacher):
+                self.teacher(images)
+            att_train = attention_map(self.taps.features[-1], r.attention_p)
+        logits = self.teacher(images)
+        feats = list(self.taps.features)
+        pen = self.taps.penultimate.flatten(1) if self.taps.penultimate is not None else None
+        terms: dict[str, torch.Tensor] = {}
+        if "ce" in w:
+            terms["ce"] = F.cross_entropy(logits, labels)
+        if "bns" in w:
+            terms["bns"] = L.bns_loss(self.taps.stats()) / len(feats)
+        if "slack_bns" in w:
+            std = []
+            for mu, var, rm, rv in self.taps.stats():
+                s = rv.add(1e-8).sqrt()
+                std.append((mu / s, var / s.pow(2), rm / s, torch.ones_like(rv)))
+            terms["slack_bns"] = L.slack_bns_loss(std, r.slack_delta) / len(feats)
+        if "layerwise" in w:
+            chosen = torch.randint(0, len(feats), (len(images),), generator=gen)
+            terms["layerwise"] = L.layerwise_enhanced_bns(feats, self.taps.running(), chosen, r.layerwise_boost)
+        if "correlation" in w:
+            terms["correlation"] = L.correlation_inhibition(pen)
+        if "centroid" in w:
+            terms["centroid"] = L.centroid_alignment(pen, labels, self.centroids)
+        if "diversity" in w:
+            terms["diversity"] = L.intra_class_diversity(pen, labels)
+        if "bn_adversarial" in w:
+            terms["bn_adversarial"] = self.bn_disc.generator_loss(feats)
+        fp_out = q_out = None
+        if "discrepancy" in w or r.student_discrepancy:
+            tap_q = _LayerOutputs(self.student, self.layer_names)
+            tap_f = _LayerOutputs(self.twin.module, self.layer_names)
+            try:
+                self.student(images)
+                self.twin.module(images)
+                q_out, fp_out = tap_q.ordered(), tap_f.ordered()
+            finally:
+                tap_q.remove()
+                tap_f.remove()
+            if "discrepancy" in w:
+                terms["discrepancy"] = self.disc.generator_loss(fp_out, q_out)
+        if "centre" in w or "consistency" in w:
+            att = attention_map(feats[-1], r.attention_p)
+            if "centre" in w:
+                terms["centre"] = L.centre_matching(attention_centre(att), centres)
+            if "consistency" in w:
+                terms["consistency"] = L.attention_consistency(att_train, att)
+        if "pair" in w:
+            half = len(images) // 2
+            terms["pair"] = L.mode_seeking_pair(images[:half], images[half:], z[:half], z[half:])
+        loss = sum(w[k] * v for k, v in terms.items())
+        self.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_g.step()
+        self.student.zero_grad(set_to_none=True)   # the discrepancy term reached the student too
+        if self.opt_d is not None:
+            d_loss = images.new_zeros(())
+            if self.bn_disc is not None:
+                d_loss = d_loss + self.bn_disc.discriminator_loss(feats, gen)
+            if self.disc is not None:
+                d_loss = d_loss + self.disc.discriminator_loss(fp_out, q_out)
+            self.opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.opt_d.step()
+            log["disc"] = float(d_loss)
+        if self.centroids is not None:
+            self.centroids.update(pen.detach(), labels)
+        for k, v in terms.items():
+            log[k] = float(v.detach())
+        log["gen"] = float(loss.detach())
+        return images.detach(), labels, logits.detach()
+
+    def _student_step(self, images: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor,
+                      log: dict) -> None:
+        r = self.recipe
+        factor = _cosine(self.step, self.cfg.steps, self.cfg.warmup_steps)
+        for group, base in zip(self.opt_s.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+        logits = self.student(images)
+        kd = L.kd_loss(logits, teacher_logits, r.temperature)
+        loss = kd
+        if r.student_ce:
+            loss = loss + r.student_ce * F.cross_entropy(logits, labels)
+        if r.student_discrepancy and self.disc is not None:
+            tap_q = _LayerOutputs(self.student, self.layer_names)
+            try:
+                self.student(images)
+                q_out = tap_q.ordered()
+            finally:
+                tap_q.remove()
+            loss = loss + r.student_discrepancy * self.disc.student_loss(None, q_out)
+        self.opt_s.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_s.step()
+        log["kd"] = float(kd.detach())
+        log["student"] = float(loss.detach())
+
+    def run_step(self) -> dict:
+        gen = _step_generator(self.cfg.seed, self.step)
+        log: dict = {"step": self.step}
+        if self.generator is not None:
+            images, labels, t_logits = self._generator_step(gen, log)
+        else:
+            imgs, labs = self.fixed
+            idx = torch.randint(0, len(imgs), (self.cfg.batch,), generator=gen)
+            images, labels = imgs[idx], labs[idx]
+            with torch.no_grad():
+                t_logits = self.teacher(images)
+        if self.step >= self.cfg.warmup_steps or self.generator is None:
+            self._student_step(images, labels, t_logits, log)
+        self.step += 1
+        return log
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {"format": CHECKPOINT_FORMAT, "step": self.step, "recipe": self.recipe.name,
+                 "config": json.dumps(self.cfg.to_dict(), sort_keys=True),
+                 "student": self.student.state_dict(), "opt_s": self.opt_s.state_dict(),
+                 "history": json.dumps(self.history)}
+        if self.generator is not None:
+            state["generator"] = self.generator.state_dict()
+            state["opt_g"] = self.opt_g.state_dict()
+        if self.opt_d is not None:
+            state["opt_d"] = self.opt_d.state_dict()
+        if self.bn_disc is not None:
+            state["bn_disc"] = self.bn_disc.state_dict()
+        if self.disc is not None:
+            state["disc"] = self.disc.state_dict()
+        if self.centroids is not None:
+            state["centroids"] = self.centroids.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.student.load_state_dict(state["student"])
+        self.opt_s.load_state_dict(state["opt_s"])
+        self.history = json.loads(state["history"])
+        for key, obj in (("generator", self.generator), ("opt_g", self.opt_g), ("opt_d", self.opt_d),
+                         ("bn_disc", self.bn_disc), ("disc", self.disc), ("centroids", self.centroids)):
+            if obj is not None:
+                obj.load_state_dict(state[key])
+
+    def remove_hooks(self) -> None:
+        if self.taps is not None:
+            self.taps.remove()
+
+
+def checkpoint_fingerprint(**identity) -> str:
+    """What a checkpoint must have been made with to be resumed (model file hash, options)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def save_checkpoint(path: Path, state: dict, fingerprint: str) -> None:
+    from dfq.export.onnx_export import atomic_write_bytes
+
+    buf = io.BytesIO()
+    torch.save({"fingerprint": fingerprint, **state}, buf)
+    payload = buf.getvalue()
+    digest = hashlib.sha256(payload).hexdigest().encode()
+    atomic_write_bytes(Path(path), payload + b"DFQSHA256" + digest)
+
+
+def load_checkpoint(path: Path, fingerprint: str) -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint`; every problem is a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"--resume: no checkpoint at {path}. Run once without --resume (it writes "
+                              "the checkpoint as it goes), or pass --checkpoint with the right path.")
+    raw = path.read_bytes()
+    payload, sep, digest = raw.rpartition(b"DFQSHA256")
+    if not sep or hashlib.sha256(payload).hexdigest().encode() != digest:
+        raise CheckpointError(f"the checkpoint {path} is corrupted or truncated (checksum mismatch). Delete it "
+                              "and start again without --resume.")
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"the checkpoint {path} cannot be read ({exc}). Delete it and start again.") from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a dfq fine-tuning checkpoint ({CHECKPOINT_FORMAT}).")
+    if state.get("fingerprint") != fingerprint:
+        raise CheckpointError(f"the checkpoint {path} was made by a different run (model, method, bits, target, "
+                              "seed or schedule differ). Resume with the same command, or delete it.")
+    return state
+
+
+def finetune(teacher: nn.Module, qmodel: QuantizedModel, recipe: Recipe, cfg: FinetuneConfig, *,
+             input_size: tuple[int, int, int], num_classes: int,
+             fixed: tuple[torch.Tensor, torch.Tensor] | None = None,
+             checkpoint: Path | None = None, fingerprint: str = "", resume: bool = False,
+             progress: bool = True, log: Callable[[str], None] = print,
+             stop_after: int | None = None) -> FinetuneResult:
+    """Fine-tune ``qmodel`` in place (see the module docstring). ``stop_after`` ends the run
+    after that many steps as if interrupted (tests use it), leaving the checkpoint behind."""
+    tuner = Finetuner(teacher, qmodel, recipe, cfg, input_size=input_size, num_classes=num_classes, fixed=fixed)
+    resumed_from = None
+    if resume:
+        tuner.load_state_dict(load_checkpoint(checkpoint, fingerprint))
+        resumed_from = tuner.step
+        log(f"[dfq] resumed fine-tuning at step {tuner.step}/{cfg.steps} from {checkpoint}")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=tuner.step, desc=f"finetune {recipe.name}", unit="step",
+                   dynamic_ncols=True)
+    t0 = time.perf_counter()
+    last_save = t0
+    start_step = tuner.step
+    first_kd = None
+    try:
+        while tuner.step < cfg.steps:
+            entry = tuner.run_step()
+            if "kd" in entry and first_kd is None:
+                first_kd = entry["kd"]
+            if tuner.step % cfg.log_every == 0 or tuner.step == cfg.steps:
+                tuner.history.append({k: round(v, 5) if isinstance(v, float) else v for k, v in entry.items()})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in entry.items() if k in ("kd", "gen", "ce", "bns")})
+            now = time.perf_counter()
+            if checkpoint is not None and now - last_save >= cfg.checkpoint_seconds:
+                save_checkpoint(checkpoint, tuner.state_dict(), fingerprint)
+                last_save = now
+            if stop_after is not None and tuner.step - start_step >= stop_after:
+                break
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, tuner.state_dict(), fingerprint)
+    finally:
+        if bar is not None:
+            bar.close()
+        tuner.remove_hooks()
+        qmodel.module.eval()
+        for p in qmodel.module.parameters():
+            p.requires_grad_(False)
+    wall = time.perf_counter() - t0
+    done = tuner.step - start_step
+    kds = [h["kd"] for h in tuner.history if "kd" in h]
+    return FinetuneResult(steps=tuner.step, wall_s=wall, steps_per_s=done / wall if wall > 0 else 0.0,
+                          first_kd=first_kd if first_kd is not None else (kds[0] if kds else None),
+                          last_kd=kds[-1] if kds else None, history=tuner.history, resumed_from=resumed_from)
+
+
+__all__ = ["FinetuneConfig", "Finetuner", "FinetuneResult", "finetune", "save_checkpoint", "load_checkpoint",
+           "checkpoint_fingerprint", "replace"]
