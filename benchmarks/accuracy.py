@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, choices=sorted(MODELS))
     ap.add_argument("--bits", type=int, default=8)
     ap.add_argument("--target", default="onnxruntime")
-    ap.add_argument("--method", default="bns")
+    ap.add_argument("--method", default="acq")
     ap.add_argument("--budget", default="default")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -65,6 +65,9 @@ def main(argv=None) -> int:
         "top1_fp": f["top1_fp"], "top1_int": f["top1_int"], "top1_fakequant": f["top1_fakequant"],
         "drop_points": f["top1_drop_points"], "agreement": f["agreement"],
         "agreement_with_fp": f["agreement_with_fp"], "agreement_exact": f.get("agreement_exact"), "images": f["images"],
+        "steps": (rep.get("finetune", {}).get("result") or {}).get("steps", 0),
+        "batch": (rep.get("finetune", {}).get("config") or {}).get("batch"),
+        "finetune_s": rep.get("finetune", {}).get("seconds"),
         "calibration": rep["calibration"]["method"], "synthetic_images": rep["synthesis"]["num_images"],
         "wall_s": wall, "exit_code": proc.returncode, "timings_s": rep["timings_s"],
         "latency": rep["latency"], "commit": rep["commit"],
@@ -73,9 +76,9 @@ def main(argv=None) -> int:
     }
     print(json.dumps({k: rec[k] for k in ("model", "bits", "target", "top1_fp", "top1_int", "drop_points",
                                           "agreement", "wall_s")}))
-    records = merge_records(Path(args.out), [rec], key=("model", "dataset", "method", "bits", "target", "budget"))
+    records = merge_records(Path(args.out), [rec], key=("model", "dataset", "method", "bits", "target", "budget", "steps"))
     write_markdown(Path(args.out).with_suffix(".md"), records,
-                   ["model", "dataset", "method", "bits", "target", "budget", "top1_fp", "top1_int",
+                   ["model", "dataset", "method", "bits", "target", "budget", "steps", "top1_fp", "top1_int",
                     "drop_points", "agreement", "agreement_exact", "wall_s", "commit"],
                    "Accuracy of exported artifacts (ONNX Runtime, CPU) vs FP32 on the same images")
     return proc.returncode
