@@ -215,10 +215,14 @@ def run_export(job: ExportJob, *, log=print) -> dict:
             finetune=ft_cfg.to_dict())
         log(f"[dfq] fine-tuning ({recipe.name}: {recipe.summary}) for {ft_cfg.steps} steps of batch {ft_cfg.batch}; "
             f"checkpoint {job.checkpoint_path}")
-        ft = finetune(loaded.model, qmodel, recipe, ft_cfg, input_size=spec.input_size,
-                      num_classes=spec.num_classes, fixed=(calib, synth_labels[:len(calib)]),
-                      checkpoint=job.checkpoint_path, fingerprint=fingerprint, resume=job.resume,
-                      progress=job.progress, log=log)
+        try:
+            ft = finetune(loaded.model, qmodel, recipe, ft_cfg, input_size=spec.input_size,
+                          num_classes=spec.num_classes, fixed=(calib, synth_labels[:len(calib)]),
+                          checkpoint=job.checkpoint_path, fingerprint=fingerprint, resume=job.resume,
+                          progress=job.progress, log=log)
+        except FloatingPointError as exc:
+            raise VerificationError(f"{exc}. Nothing was exported. Try fewer --steps or another --seed, and "
+                                    "report the command: the default schedules are meant not to diverge.") from exc
         timings["finetune"] = time.perf_counter() - t
         finetune_report.update(ran=True, config=ft_cfg.to_dict(), result=ft.to_dict(), seconds=timings["finetune"])
 

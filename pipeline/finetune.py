@@ -56,7 +56,7 @@ class FinetuneConfig:
     batch: int = 64
     warmup_steps: int = 50            # generator-only steps before the student trains
     lr_weights: float = 1e-4          # student weights and folded-BN affine (Adam)
-    lr_scales: float = 1e-3           # LSQ step sizes (Adam)
+    lr_scales: float = 1e-3           # LSQ step sizes (Adam), relative: lr = lr_scales * mean initial step
     lr_generator: float = 1e-3        # Adam(0.5, 0.999), as GDFQ
     lr_discriminator: float = 1e-3
     latent: int = 100
@@ -223,13 +223,19 @@ class Finetuner:
         torch.manual_seed(cfg.seed)   # parameter initialisation of the generator/discriminators
 
         self.student.eval()           # BN is folded; eval keeps dropout/stochastic depth off
-        scales = [p for n, p in self.student.named_parameters() if n.endswith("scale")]
+        # Adam moves every parameter by about its learning rate per step whatever the gradient's
+        # size, so each quantizer's step sizes get a learning rate relative to their own magnitude
+        # (weight steps are ~1e-3, activation steps ~1e-1): one absolute rate would either freeze
+        # the activation steps or push weight steps through zero.
+        scales = [(n, p) for n, p in self.student.named_parameters() if n.endswith("scale")]
         weights = [p for n, p in self.student.named_parameters() if not n.endswith("scale")]
-        for p in scales + weights:
+        for p in [p for _, p in scales] + weights:
             p.requires_grad_(True)
-        self.opt_s = torch.optim.Adam([{"params": weights, "lr": cfg.lr_weights},
-                                       {"params": scales, "lr": cfg.lr_scales}])
-        self.base_lrs = [cfg.lr_weights, cfg.lr_scales]
+        groups = [{"params": weights, "lr": cfg.lr_weights}]
+        for _, p in scales:
+            groups.append({"params": [p], "lr": cfg.lr_scales * float(p.detach().abs().mean().clamp(min=1e-8))})
+        self.opt_s = torch.optim.Adam(groups)
+        self.base_lrs = [g["lr"] for g in groups]
 
         self.generator = None
         self.opt_g = None
@@ -395,9 +401,15 @@ class Finetuner:
             finally:
                 tap_q.remove()
             loss = loss + r.student_discrepancy * self.disc.student_loss(None, q_out)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"fine-tuning diverged: the student loss is {float(loss)} at step {self.step}")
         self.opt_s.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_s.step()
+        with torch.no_grad():   # a step size must stay positive (the forward clamps it, keep the parameter sane too)
+            for group in self.opt_s.param_groups[1:]:
+                for p in group["params"]:
+                    p.clamp_(min=1e-8)
         log["kd"] = float(kd.detach())
         log["student"] = float(loss.detach())
 
@@ -422,6 +434,7 @@ class Finetuner:
         state = {"format": CHECKPOINT_FORMAT, "step": self.step, "recipe": self.recipe.name,
                  "config": json.dumps(self.cfg.to_dict(), sort_keys=True),
                  "student": self.student.state_dict(), "opt_s": self.opt_s.state_dict(),
+                 "base_lrs": torch.tensor(self.base_lrs, dtype=torch.float64),
                  "history": json.dumps(self.history)}
         if self.generator is not None:
             state["generator"] = self.generator.state_dict()
@@ -440,6 +453,7 @@ class Finetuner:
         self.step = int(state["step"])
         self.student.load_state_dict(state["student"])
         self.opt_s.load_state_dict(state["opt_s"])
+        self.base_lrs = [float(v) for v in state["base_lrs"]]
         self.history = json.loads(state["history"])
         for key, obj in (("generator", self.generator), ("opt_g", self.opt_g), ("opt_d", self.opt_d),
                          ("bn_disc", self.bn_disc), ("disc", self.disc), ("centroids", self.centroids)):
