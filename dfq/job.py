@@ -179,11 +179,15 @@ def run_export(job: ExportJob, *, log=print) -> dict:
 
     # synthesize -------------------------------------------------------------------------------
     t = time.perf_counter()
-    synth_cfg = SynthConfig.for_budget(job.budget, spec.input_size, seed=job.seed)
+    # Methods with a generator spend the budget on fine-tuning; their BN-inversion images only
+    # initialise the activation ranges (which then train), so they use the fast set.
+    synth_budget = "fast" if RECIPES[job.method].generator in ("conditional", "acq") else job.budget
+    synth_cfg = SynthConfig.for_budget(synth_budget, spec.input_size, seed=job.seed)
     if job.synth_overrides:
         synth_cfg = dataclasses.replace(synth_cfg, **job.synth_overrides)
-    log(f"[dfq] synthesizing {synth_cfg.num_images} images from {spec.name}'s BatchNorm statistics "
-        f"({job.method}, budget {job.budget})")
+    purpose = "calibration images" if synth_budget != job.budget else "images"
+    log(f"[dfq] synthesizing {synth_cfg.num_images} {purpose} from {spec.name}'s BatchNorm statistics "
+        f"(BN inversion, budget {synth_budget})")
     images, synth_labels = synthesize(loaded.model, spec.input_size, spec.mean, spec.std, spec.num_classes,
                                  synth_cfg, progress=job.progress)
     timings["synthesize"] = time.perf_counter() - t
