@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data-free method: acq (default), gdfq, dsg, clusterq, ddaq, bns-ft (fine-tune on BN-inversion "
                         "images) or bns (BN inversion and calibration only, no fine-tuning)")
     p.add_argument("--steps", type=int, help="fine-tuning steps (default: set by --budget)")
+    p.add_argument("--batch", type=int, help="fine-tuning batch per process (default: set by --budget)")
+    p.add_argument("--synth-images", type=int, help="number of BN-inversion images (default: set by --budget)")
+    p.add_argument("--synth-steps", type=int, help="optimisation steps per BN-inversion batch (default: set by --budget)")
     p.add_argument("--resume", action="store_true",
                    help="continue the fine-tuning checkpoint of an interrupted run of the same command")
     p.add_argument("--checkpoint", help="fine-tuning checkpoint path (default: <out>.finetune.ckpt; written every "
@@ -69,13 +72,27 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--out is required: the path of the .onnx (or .engine) to write.")
         from dfq.job import ExportJob, run_export, summary_lines
 
+        for flag, value in (("--batch", args.batch), ("--synth-images", args.synth_images),
+                            ("--synth-steps", args.synth_steps)):
+            if value is not None and value < (2 if flag == "--batch" else 1):
+                raise UsageError(f"{flag} {value} is too small.")
+        synth = {}
+        if args.synth_images is not None:
+            synth["num_images"] = args.synth_images
+        if args.synth_steps is not None:
+            synth["steps"] = args.synth_steps
+        tune = {"batch": args.batch} if args.batch is not None else {}
+
         job = ExportJob(model=args.model, out=args.out, arch=args.arch, bits=args.bits, target=args.target,
                         method=args.method, steps=args.steps, resume=args.resume, checkpoint=args.checkpoint,
                         val=args.val, val_limit=args.val_limit, budget=args.budget,
                         seed=args.seed, report=args.report,
                         reduce_range=False if args.full_range_weights else None, force=args.force, threads=args.threads,
-                        latency_batches=tuple(args.latency_batches or (1,)), progress=not args.no_progress)
+                        latency_batches=tuple(args.latency_batches or (1,)), progress=not args.no_progress,
+                        synth_overrides=synth, finetune_overrides=tune)
         report = run_export(job, log=lambda msg: print(msg, file=sys.stderr))
+        if report.get("kind") == "dfq-export-worker":   # a torchrun rank other than 0
+            return 0
         for line in summary_lines(report):
             print(line)
         return 0
@@ -92,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dfq-export: interrupted", file=sys.stderr)
         return 130
+    finally:
+        from dfq import distributed
+
+        distributed.shutdown(distributed.current())
 
 
 if __name__ == "__main__":

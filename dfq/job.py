@@ -160,7 +160,13 @@ def run_export(job: ExportJob, *, log=print) -> dict:
     from dfq.report import command_line, git_commit, machine_info, to_json, to_markdown
 
     t_start = time.perf_counter()
+    commit = git_commit()             # the code this run started with
     timings: dict[str, float] = {}
+    from dfq import distributed as D
+
+    info = D.init_from_env()          # torchrun: data-parallel synthesis and fine-tuning
+    if not info.main:
+        log = lambda msg: None        # noqa: E731 - rank 0 speaks for the run
     job.check_outputs()
     loaded = load_model(job.model, job.arch)
     spec = loaded.spec
@@ -184,12 +190,30 @@ def run_export(job: ExportJob, *, log=print) -> dict:
     synth_budget = "fast" if RECIPES[job.method].generator in ("conditional", "acq") else job.budget
     synth_cfg = SynthConfig.for_budget(synth_budget, spec.input_size, seed=job.seed)
     if job.synth_overrides:
-        synth_cfg = dataclasses.replace(synth_cfg, **job.synth_overrides)
+        overrides = dict(job.synth_overrides)
+        if "num_images" in overrides and "batch_size" not in overrides:
+            overrides["batch_size"] = min(synth_cfg.batch_size, overrides["num_images"])
+        synth_cfg = dataclasses.replace(synth_cfg, **overrides)
     purpose = "calibration images" if synth_budget != job.budget else "images"
     log(f"[dfq] synthesizing {synth_cfg.num_images} {purpose} from {spec.name}'s BatchNorm statistics "
         f"(BN inversion, budget {synth_budget})")
-    images, synth_labels = synthesize(loaded.model, spec.input_size, spec.mean, spec.std, spec.num_classes,
-                                 synth_cfg, progress=job.progress)
+    if info.enabled:
+        from dfq.pipeline.synthesize import synthesize_batches
+
+        parts = list(synthesize_batches(loaded.model, spec.input_size, spec.mean, spec.std, spec.num_classes,
+                                        synth_cfg, progress=job.progress and info.main,
+                                        shard=(info.rank, info.world)))
+        mine = [b for b in range(synth_cfg.num_batches) if b % info.world == info.rank]
+        index = torch.cat([torch.arange(b * synth_cfg.batch_size, b * synth_cfg.batch_size + len(y))
+                           for b, (_, y) in zip(mine, parts)]) if parts else torch.zeros(0, dtype=torch.int64)
+        local_x = torch.cat([x for x, _ in parts]) if parts else torch.zeros(0, *spec.input_size)
+        local_y = torch.cat([y for _, y in parts]) if parts else torch.zeros(0, dtype=torch.int64)
+        order = D.all_gather_cat(index, info).argsort()
+        images = D.all_gather_cat(local_x.contiguous(), info)[order]
+        synth_labels = D.all_gather_cat(local_y, info)[order]
+    else:
+        images, synth_labels = synthesize(loaded.model, spec.input_size, spec.mean, spec.std, spec.num_classes,
+                                          synth_cfg, progress=job.progress)
     timings["synthesize"] = time.perf_counter() - t
 
     # quantize + calibrate ---------------------------------------------------------------------
@@ -216,19 +240,23 @@ def run_export(job: ExportJob, *, log=print) -> dict:
         fingerprint = checkpoint_fingerprint(
             model_sha256=loaded.source["sha256"], arch=spec.name, bits=job.bits, target=job.target,
             method=job.method, seed=job.seed, reduce_range=qconfig.reduce_range, synth=synth_cfg.to_dict(),
-            finetune=ft_cfg.to_dict())
+            finetune=ft_cfg.to_dict(), processes=info.world)
         log(f"[dfq] fine-tuning ({recipe.name}: {recipe.summary}) for {ft_cfg.steps} steps of batch {ft_cfg.batch}; "
             f"checkpoint {job.checkpoint_path}")
         try:
             ft = finetune(loaded.model, qmodel, recipe, ft_cfg, input_size=spec.input_size,
                           num_classes=spec.num_classes, fixed=(calib, synth_labels[:len(calib)]),
                           checkpoint=job.checkpoint_path, fingerprint=fingerprint, resume=job.resume,
-                          progress=job.progress, log=log)
+                          progress=job.progress, log=log, dist_info=info)
         except FloatingPointError as exc:
             raise VerificationError(f"{exc}. Nothing was exported. Try fewer --steps or another --seed, and "
                                     "report the command: the default schedules are meant not to diverge.") from exc
         timings["finetune"] = time.perf_counter() - t
-        finetune_report.update(ran=True, config=ft_cfg.to_dict(), result=ft.to_dict(), seconds=timings["finetune"])
+        finetune_report.update(ran=True, config=ft_cfg.to_dict(), result=ft.to_dict(), seconds=timings["finetune"],
+                               processes=info.world, global_batch=ft_cfg.batch * info.world)
+    if not info.main:
+        # only rank 0 exports, checks and writes; the other ranks are done
+        return {"kind": "dfq-export-worker", "rank": info.rank, "processes": info.world}
 
     # export -----------------------------------------------------------------------------------
     t = time.perf_counter()
@@ -285,7 +313,7 @@ def run_export(job: ExportJob, *, log=print) -> dict:
     report = {
         "kind": "dfq-export",
         "command": command_line(),
-        "commit": git_commit(),
+        "commit": commit,
         "machine": machine_info(),
         "job": job.to_dict(),
         "model": {"arch": spec.name, "spec": spec.to_dict(), "source": loaded.source},

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfq import distributed as D
 from dfq.errors import CheckpointError
 from dfq.kernels.attention import attention_centre, attention_map
 from dfq.pipeline import losses as L
@@ -96,7 +97,8 @@ class _Taps:
     """Forward hooks on the FP model: every BatchNorm2d's input (with autograd) and the input of
     the last Linear (penultimate features)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, info: D.DistInfo = D.SINGLE) -> None:
+        self.info = info
         self.bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         if not self.bns:
@@ -121,7 +123,7 @@ class _Taps:
     def stats(self) -> L.Stats:
         out = []
         for f, bn in zip(self.features, self.bns):
-            mu, var = batch_mean_var(f)
+            mu, var = D.global_mean_var(*batch_mean_var(f), self.info)
             out.append((mu, var, bn.running_mean, bn.running_var))
         return out
 
@@ -206,7 +208,8 @@ class Finetuner:
 
     def __init__(self, teacher: nn.Module, qmodel: QuantizedModel, recipe: Recipe, cfg: FinetuneConfig, *,
                  input_size: tuple[int, int, int], num_classes: int,
-                 fixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 fixed: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 dist_info: D.DistInfo = D.SINGLE) -> None:
         if not recipe.trains:
             raise ValueError(f"recipe {recipe.name} does not fine-tune")
         if recipe.generator == "fixed" and fixed is None:
@@ -218,11 +221,15 @@ class Finetuner:
         self.recipe, self.cfg = recipe, cfg
         self.input_size, self.num_classes = input_size, num_classes
         self.fixed = fixed
+        self.info = dist_info
         self.step = 0
         self.history: list[dict] = []
         torch.manual_seed(cfg.seed)   # parameter initialisation of the generator/discriminators
 
         self.student.eval()           # BN is folded; eval keeps dropout/stochastic depth off
+        for p in self.student.parameters():
+            p.requires_grad_(True)
+        self.student_train = self._ddp(self.student)   # first: rank 0's parameters everywhere
         # Adam moves every parameter by about its learning rate per step whatever the gradient's
         # size, so each quantizer's step sizes get a learning rate relative to their own magnitude
         # (weight steps are ~1e-3, activation steps ~1e-1): one absolute rate would either freeze
@@ -247,7 +254,8 @@ class Finetuner:
         if recipe.generator in ("conditional", "acq"):
             self.generator = make_generator(recipe.generator, num_classes, input_size, latent=cfg.latent)
             self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_generator, betas=(0.5, 0.999))
-            self.taps = _Taps(self.teacher)
+            self.generator_train = self._ddp(self.generator)
+            self.taps = _Taps(self.teacher, dist_info)
             terms = recipe.terms
             if "centroid" in terms:
                 dim = self._penultimate_dim()
@@ -264,6 +272,7 @@ class Finetuner:
                 if self.bn_disc is not None and len(self.bn_disc.weights) == len(prior):
                     self.bn_disc.weights.copy_(prior)
                 self.disc = DiscrepancyDiscriminator([m.out_channels for _, m in layers], prior)
+                self._layer_tap = _LayerOutputs(self.student, self.layer_names)
                 disc_params += list(self.disc.parameters())
                 import copy
 
@@ -274,6 +283,16 @@ class Finetuner:
                     p.requires_grad_(False)
             if disc_params:
                 self.opt_d = torch.optim.Adam(disc_params, lr=cfg.lr_discriminator, betas=(0.5, 0.999))
+
+    def _ddp(self, module: nn.Module) -> nn.Module:
+        """DistributedDataParallel around ``module`` in a torchrun run (it also broadcasts rank 0's
+        parameters, so every rank starts identical); the module itself otherwise."""
+        if not self.info.enabled:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.info.local_rank] if self.info.backend == "nccl" else None
+        return DistributedDataParallel(module, device_ids=device_ids)
 
     # -- shapes --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -307,7 +326,8 @@ class Finetuner:
         r, w = self.recipe, self.recipe.terms
         z, labels, centres = self._sample(gen)
         self.generator.train()
-        images = self.generator(z, labels, centres) if centres is not None else self.generator(z, labels)
+        g = self.generator_train
+        images = g(z, labels, centres) if centres is not None else g(z, labels)
         att_train = None
         if "consistency" in w:
             with _BNBatchStatsNoUpdate(self.teacher):
@@ -340,15 +360,19 @@ class Finetuner:
             terms["bn_adversarial"] = self.bn_disc.generator_loss(feats)
         fp_out = q_out = None
         if "discrepancy" in w or r.student_discrepancy:
-            tap_q = _LayerOutputs(self.student, self.layer_names)
             tap_f = _LayerOutputs(self.twin.module, self.layer_names)
+            params = [p for p in self.student.parameters() if p.requires_grad]
             try:
+                # gradients reach the images, not the student's parameters (nor DDP's hooks)
+                for p in params:
+                    p.requires_grad_(False)
                 self.student(images)
                 self.twin.module(images)
-                q_out, fp_out = tap_q.ordered(), tap_f.ordered()
+                q_out, fp_out = self._student_layers(), tap_f.ordered()
             finally:
-                tap_q.remove()
                 tap_f.remove()
+                for p in params:
+                    p.requires_grad_(True)
             if "discrepancy" in w:
                 terms["discrepancy"] = self.disc.generator_loss(fp_out, q_out)
         if "centre" in w or "consistency" in w:
@@ -364,7 +388,6 @@ class Finetuner:
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_g.step()
-        self.student.zero_grad(set_to_none=True)   # the discrepancy term reached the student too
         if self.opt_d is not None:
             d_loss = images.new_zeros(())
             if self.bn_disc is not None:
@@ -373,10 +396,17 @@ class Finetuner:
                 d_loss = d_loss + self.disc.discriminator_loss(fp_out, q_out)
             self.opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
+            D.average_gradients([p for grp in self.opt_d.param_groups for p in grp["params"]], self.info)
             self.opt_d.step()
             log["disc"] = float(d_loss)
         if self.centroids is not None:
-            self.centroids.update(pen.detach(), labels)
+            sums, counts = L.ClassCentroids.class_sums(pen, labels, self.num_classes)
+            if self.info.enabled:
+                import torch.distributed as dist
+
+                dist.all_reduce(sums)
+                dist.all_reduce(counts)
+            self.centroids.update_sums(sums, counts)
         for k, v in terms.items():
             log[k] = float(v.detach())
         log["gen"] = float(loss.detach())
@@ -388,19 +418,14 @@ class Finetuner:
         factor = _cosine(self.step, self.cfg.steps, self.cfg.warmup_steps)
         for group, base in zip(self.opt_s.param_groups, self.base_lrs):
             group["lr"] = base * factor
-        logits = self.student(images)
+        logits = self.student_train(images)
         kd = L.kd_loss(logits, teacher_logits, r.temperature)
         loss = kd
         if r.student_ce:
             loss = loss + r.student_ce * F.cross_entropy(logits, labels)
         if r.student_discrepancy and self.disc is not None:
-            tap_q = _LayerOutputs(self.student, self.layer_names)
-            try:
-                self.student(images)
-                q_out = tap_q.ordered()
-            finally:
-                tap_q.remove()
-            loss = loss + r.student_discrepancy * self.disc.student_loss(None, q_out)
+            # the hooks record the layer outputs of the forward above (the same autograd graph)
+            loss = loss + r.student_discrepancy * self.disc.student_loss(None, self._student_layers())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"fine-tuning diverged: the student loss is {float(loss)} at step {self.step}")
         self.opt_s.zero_grad(set_to_none=True)
@@ -413,8 +438,12 @@ class Finetuner:
         log["kd"] = float(kd.detach())
         log["student"] = float(loss.detach())
 
+    def _student_layers(self) -> list[torch.Tensor]:
+        return [self._layer_tap.outputs[n] for n in self.layer_names]
+
     def run_step(self) -> dict:
-        gen = _step_generator(self.cfg.seed, self.step)
+        # each rank draws its own samples; rank 0 of a torchrun run draws what a single process draws
+        gen = _step_generator(self.cfg.seed + 1_000 * self.info.rank, self.step)
         log: dict = {"step": self.step}
         if self.generator is not None:
             images, labels, t_logits = self._generator_step(gen, log)
@@ -463,6 +492,8 @@ class Finetuner:
     def remove_hooks(self) -> None:
         if self.taps is not None:
             self.taps.remove()
+        if getattr(self, "_layer_tap", None) is not None:
+            self._layer_tap.remove()
 
 
 def checkpoint_fingerprint(**identity) -> str:
@@ -508,10 +539,12 @@ def finetune(teacher: nn.Module, qmodel: QuantizedModel, recipe: Recipe, cfg: Fi
              fixed: tuple[torch.Tensor, torch.Tensor] | None = None,
              checkpoint: Path | None = None, fingerprint: str = "", resume: bool = False,
              progress: bool = True, log: Callable[[str], None] = print,
-             stop_after: int | None = None) -> FinetuneResult:
+             stop_after: int | None = None, dist_info: D.DistInfo = D.SINGLE) -> FinetuneResult:
     """Fine-tune ``qmodel`` in place (see the module docstring). ``stop_after`` ends the run
     after that many steps as if interrupted (tests use it), leaving the checkpoint behind."""
-    tuner = Finetuner(teacher, qmodel, recipe, cfg, input_size=input_size, num_classes=num_classes, fixed=fixed)
+    tuner = Finetuner(teacher, qmodel, recipe, cfg, input_size=input_size, num_classes=num_classes, fixed=fixed,
+                      dist_info=dist_info)
+    progress = progress and dist_info.main
     resumed_from = None
     if resume:
         tuner.load_state_dict(load_checkpoint(checkpoint, fingerprint))
@@ -538,12 +571,12 @@ def finetune(teacher: nn.Module, qmodel: QuantizedModel, recipe: Recipe, cfg: Fi
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in entry.items() if k in ("kd", "gen", "ce", "bns")})
             now = time.perf_counter()
-            if checkpoint is not None and now - last_save >= cfg.checkpoint_seconds:
+            if checkpoint is not None and dist_info.main and now - last_save >= cfg.checkpoint_seconds:
                 save_checkpoint(checkpoint, tuner.state_dict(), fingerprint)
                 last_save = now
             if stop_after is not None and tuner.step - start_step >= stop_after:
                 break
-        if checkpoint is not None:
+        if checkpoint is not None and dist_info.main:
             save_checkpoint(checkpoint, tuner.state_dict(), fingerprint)
     finally:
         if bar is not None:

@@ -91,17 +91,29 @@ class ClassCentroids:
         self.seen = torch.zeros(num_classes, dtype=torch.bool)
         self.decay = decay
 
+    @staticmethod
     @torch.no_grad()
-    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+    def class_sums(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-class feature sums ``[K, D]`` and counts ``[K]`` of a batch (all-reducible across ranks)."""
         feats = features.detach().float().cpu()
-        labels = labels.cpu()
-        for k in labels.unique():
-            mean = feats[labels == k].mean(dim=0)
+        sums = torch.zeros(num_classes, feats.shape[1]).index_add_(0, labels.cpu(), feats)
+        counts = torch.bincount(labels.cpu(), minlength=num_classes).float()
+        return sums, counts
+
+    @torch.no_grad()
+    def update_sums(self, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        """EMA update from class sums/counts (classes with count 0 are left alone)."""
+        for k in torch.nonzero(counts > 0).flatten().tolist():
+            mean = sums[k] / counts[k]
             if self.seen[k]:
                 self.centroids[k] = self.decay * self.centroids[k] + (1 - self.decay) * mean
             else:
                 self.centroids[k] = mean
                 self.seen[k] = True
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self.update_sums(*self.class_sums(features, labels, len(self.centroids)))
 
     def state_dict(self) -> dict:
         return {"centroids": self.centroids.clone(), "seen": self.seen.clone(), "decay": self.decay}

@@ -399,6 +399,7 @@ def synthesize_batches(model: nn.Module, input_size: tuple[int, int, int],
                        mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor,
                        num_classes: int, config: SynthConfig, *, progress: bool = True,
                        start_batch: int = 0, log: list[dict] | None = None,
+                       shard: tuple[int, int] = (0, 1),
                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(images [b, C, H, W], labels [b] int64)`` one optimised batch at a time.
 
@@ -412,7 +413,12 @@ def synthesize_batches(model: nn.Module, input_size: tuple[int, int, int],
     both are restored before each yield and when the generator is closed, so the caller may use
     the model between batches. ``log`` (a list) receives one dict per step:
     ``batch, step, lr, loss, bns, ce, tv, l2, acc`` (acc = FP top-1 on the targets, augmented).
+
+    ``shard = (rank, world)`` yields only the batches ``k`` with ``k % world == rank`` (data-parallel
+    synthesis: each batch is seeded by its index, so the union over ranks is exactly the
+    single-process set).
     """
+    rank, world = shard
     c, h, w = _check_args(input_size, num_classes)
     if not isinstance(config, SynthConfig):
         raise TypeError(f"config must be a SynthConfig, got {type(config).__name__}")
@@ -426,10 +432,13 @@ def synthesize_batches(model: nn.Module, input_size: tuple[int, int, int],
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=(config.num_batches - start_batch) * config.steps, unit="step",
+        mine = sum(1 for b in range(start_batch, config.num_batches) if b % world == rank)
+        bar = tqdm(total=mine * config.steps, unit="step",
                    desc="synthesize[bns]", dynamic_ncols=True)
     try:
         for b in range(start_batch, config.num_batches):
+            if b % world != rank:
+                continue
             i0 = b * config.batch_size
             i1 = min(i0 + config.batch_size, config.num_images)
             labels = labels_all[i0:i1]
