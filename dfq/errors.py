@@ -2,7 +2,9 @@
 
 Every failure a user can cause (bad checkpoint, unknown architecture, unwritable output, ...)
 raises a subclass of :class:`DfqError`. The CLI prints ``str(error)`` without a traceback
-(unless ``--debug``) and exits with ``error.exit_code``. The table is in the README.
+(unless ``--debug``) and exits with ``error.exit_code``. The table is in the README; the
+subclasses ``SpeedupError`` (8) and ``BackendUnavailableError`` (9) keep their parents' codes
+(docs/benchmarking.md).
 """
 from __future__ import annotations
 
@@ -68,3 +70,15 @@ class EngineNotBuiltError(DfqError):
     was written and verified; the message says how to build the engine from it later."""
 
     exit_code = 9
+
+
+class SpeedupError(VerificationError):
+    """``dfq-bench``: a measured speedup (FP median / quantized median) is below ``--min-speedup``
+    or regressed past ``--max-regression`` against ``--baseline``. Exit code 8, like every
+    "the artifact does not do what it should" failure; the result JSON is still written."""
+
+
+class BackendUnavailableError(EngineNotBuiltError):
+    """``dfq-bench``/``dfq-build``: a requested backend cannot run here (ONNX Runtime without
+    ``CUDAExecutionProvider`` or without a usable GPU; TensorRT or a CUDA device missing). Exit
+    code 9; the message names what is missing."""

@@ -3,9 +3,11 @@ ORT's graph optimizer turns a QDQ graph into, and latency measured the same way 
 
 Conventions
 -----------
-* Sessions use only ``CPUExecutionProvider``, ``intra_op_num_threads = threads`` (``None``: ORT's
-  default, one thread per physical core), ``inter_op_num_threads = 1`` and sequential execution,
-  so a thread count means the same thing for every model measured.
+* Sessions use only ``CPUExecutionProvider`` unless ``providers`` is given (``dfq-bench
+  --backend onnxruntime-cuda`` passes ``["CUDAExecutionProvider", "CPUExecutionProvider"]``),
+  ``intra_op_num_threads = threads`` (``None``: ORT's default, one thread per physical core),
+  ``inter_op_num_threads = 1`` and sequential execution, so a thread count means the same thing
+  for every model measured.
 * ``optimization`` is one of ``"all" | "layout" | "extended" | "basic" | "disable"``
   (``GraphOptimizationLevel.ORT_ENABLE_ALL`` ... ``ORT_DISABLE_ALL``; ``"layout"`` exists only in
   ORT versions that have ``ORT_ENABLE_LAYOUT``).
@@ -72,13 +74,15 @@ def _model_source(onnx_path_or_bytes) -> str | bytes:
 
 
 def make_session(onnx_path_or_bytes, *, threads: int | None = None,
-                 optimization: str = "all") -> ort.InferenceSession:
-    """An ORT CPU session: ``intra_op_num_threads=threads`` (None: ORT default), inter-op 1,
+                 optimization: str = "all", providers=None) -> ort.InferenceSession:
+    """An ORT session: ``intra_op_num_threads=threads`` (None: ORT default), inter-op 1,
     sequential execution, graph optimization ``optimization``. Accepts a path, the serialized
-    model bytes or an ``onnx.ModelProto``."""
+    model bytes or an ``onnx.ModelProto``. ``providers``: ORT execution providers (default
+    ``["CPUExecutionProvider"]``); ORT silently falls back to the CPU when a requested provider
+    cannot start, so callers that need it check ``session.get_providers()``."""
     so = _session_options(threads, optimization)
     return ort.InferenceSession(_model_source(onnx_path_or_bytes), sess_options=so,
-                                providers=["CPUExecutionProvider"])
+                                providers=list(providers or ["CPUExecutionProvider"]))
 
 
 def _single_input(session: ort.InferenceSession):
@@ -270,20 +274,21 @@ def measure_latency(onnx_path, *, batch: int, threads: int, warmup: int = 10, it
 
 def compare_latency(fp_path, int_path, *, batch: int, threads: int, rounds: int = 3, warmup: int = 10,
                     iterations: int | None = None, min_seconds: float = 3.0, max_iterations: int = 1000,
-                    input_shape=None, optimization: str = "all", seed: int = 0) -> dict:
+                    input_shape=None, optimization: str = "all", seed: int = 0, providers=None) -> dict:
     """FP and quantized model measured in this one process, interleaved: both sessions are built
     and warmed up (``warmup`` runs each), then ``rounds`` rounds of FP, INT, FP, INT, ... each
     spend ``1/rounds`` of the budget (``iterations``, ``min_seconds``, ``max_iterations`` are the
     totals per model) after two re-warm runs. The samples of all rounds are pooled per model,
     so slow drift (clock, thermals, neighbours) hits both alike. Both get the same input.
+    ``providers`` as in :func:`make_session` (default CPU only).
 
     Returns ``{"fp": LatencyResult.to_dict(), "int": ..., "speedup": fp_median / int_median,
     "rounds": rounds}``."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     _check_budget(iterations, min_seconds, max_iterations)
-    sessions = {"fp": make_session(fp_path, threads=threads, optimization=optimization),
-                "int": make_session(int_path, threads=threads, optimization=optimization)}
+    sessions = {"fp": make_session(fp_path, threads=threads, optimization=optimization, providers=providers),
+                "int": make_session(int_path, threads=threads, optimization=optimization, providers=providers)}
     feeds = {k: _latency_feed(s, batch, input_shape, seed) for k, s in sessions.items()}
     shapes = {k: next(iter(f.values())).shape for k, f in feeds.items()}
     if shapes["fp"] != shapes["int"]:
