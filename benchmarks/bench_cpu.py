@@ -1,0 +1,83 @@
+"""``dfq-bench`` on the CPU for the models of issue 4: W8A8 and W4A4 onnxruntime artifacts of
+resnet18 (random weights: latency does not depend on them), ResNet-20 and EfficientNet-Lite0 (real
+weights), batch 1 and 32, through the real ``dfq-bench`` command.
+
+    python benchmarks/bench_cpu.py --threads 2
+
+Artifacts are built here (quantizers calibrated on seeded noise: scales do not change latency;
+the accuracy benchmarks use the real pipeline). Each ``dfq-bench`` JSON is kept under
+``results/bench_cpu/`` (usable as a ``--baseline``) and its records are merged into
+``results/bench_cpu.json`` with a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import merge_records, write_markdown  # noqa: E402
+from latency import build_model  # noqa: E402
+
+from dfq.export.onnx_export import export_onnx  # noqa: E402
+from dfq.pipeline.calibrate import calibrate  # noqa: E402
+from dfq.pipeline.quantize import QuantConfig, quantize  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["resnet18", "resnet20", "efficientnet_lite0"])
+    ap.add_argument("--bits", nargs="+", type=int, default=[8, 4])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    args = ap.parse_args(argv)
+    out_dir = HERE / "results" / "bench_cpu"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for name in args.models:
+        model, spec, weights = build_model(name)
+        calib = torch.randn(32, *spec.input_size, generator=torch.Generator().manual_seed(0))
+        with tempfile.TemporaryDirectory() as tmp:
+            for bits in args.bits:
+                t0 = time.perf_counter()
+                qm = quantize(model, QuantConfig(bits=bits, target="onnxruntime"), calib[:2])
+                calibrate(qm, calib, batch_size=8)
+                q_path = Path(tmp) / f"{name}-w{bits}a{bits}.onnx"
+                export_onnx(qm, q_path, fp_path=q_path.with_name(q_path.stem + ".fp32.onnx"))
+                json_path = out_dir / f"{name}-w{bits}a{bits}.json"
+                cmd = ["dfq-bench", str(q_path), "--threads", str(args.threads), "--seconds", str(args.seconds),
+                       "--out", str(json_path)]
+                for b in args.batches:
+                    cmd += ["--batch", str(b)]
+                print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)
+                proc = subprocess.run([sys.executable, "-m", "dfq.bench_cli", *cmd[1:]], text=True)
+                if proc.returncode != 0:
+                    print(f"dfq-bench exited {proc.returncode}", file=sys.stderr)
+                    return proc.returncode
+                result = json.loads(json_path.read_text())
+                for r in result["records"]:
+                    records.append({"kind": "latency", "model": name, "weights": weights, "bits": f"W{bits}A{bits}",
+                                    "target": "onnxruntime", **r, "peer": None, "peer_speedup": None,
+                                    "commit": result.get("git_commit"), "machine": result.get("machine"),
+                                    "command": " ".join(cmd).replace(tmp, "TMP"),
+                                    "wall_s": time.perf_counter() - t0})
+    merged = merge_records(HERE / "results" / "bench_cpu.json", records,
+                           key=("model", "bits", "backend", "batch", "threads"))
+    write_markdown(HERE / "results" / "bench_cpu.md", merged,
+                   ["model", "weights", "bits", "backend", "batch", "threads", "fp_ms", "int_ms", "speedup",
+                    "commit"], "dfq-bench on the CPU: quantized ONNX vs its FP32 ONNX, same process, interleaved")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
