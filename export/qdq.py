@@ -8,7 +8,9 @@ Two flavours, fixed by the target (see DESIGN.md):
   with a DequantizeLinear of scale ``s_in * s_w`` as ONNX Runtime's QLinearConv expects.
 
 Weights become INT8 initializers followed by a per-channel (axis 0) DequantizeLinear. 4-bit grids
-live in INT8/UINT8 containers; a ``Clip`` to the 4-bit range precedes their QuantizeLinear. The
+live in INT8/UINT8 containers, clamped to the 4-bit range by a ``Clip``: a float Clip before the
+QuantizeLinear for TensorRT, an integer Clip on the UINT8 codes between Q and DQ for ONNX Runtime
+(which keeps its QLinearConv/QLinearAdd fusions). The
 arithmetic matches :func:`dfq.kernels.fake_quant.fake_quantize` exactly (round half to even,
 clamp to the grid).
 """
@@ -41,6 +43,21 @@ def needs_clip(grid: Grid, target: str) -> bool:
     return grid.qmax < hi or (grid.signed and grid.qmin > lo)
 
 
+def _redundant_upper_clip(node: onnx.NodeProto, table: QuantTable, inits: dict) -> bool:
+    """True for ``Clip(x, 0, hi)`` whose output is quantized on an unsigned grid that tops out at or
+    below ``hi`` (in float32, as QuantizeLinear computes): clamp(round(min(x, hi)/s), 0, qmax)
+    equals clamp(round(x/s), 0, qmax) for every x, so only the lower bound is live."""
+    if node.op_type != "Clip" or len(node.input) != 3 or node.output[0] not in table.activations:
+        return False
+    entry = table.activations[node.output[0]]
+    if entry.grid.signed or entry.grid.qmin != 0 or not all(i in inits for i in node.input[1:]):
+        return False
+    lo, hi = (numpy_helper.to_array(inits[i]).astype(np.float32) for i in node.input[1:])
+    if lo.size != 1 or hi.size != 1:
+        return False
+    return float(lo.ravel()[0]) == 0.0 and bool(hi.ravel()[0] / np.float32(entry.scale) >= entry.grid.qmax)
+
+
 def insert_qdq(fp: onnx.ModelProto, table: QuantTable, target: str) -> onnx.ModelProto:
     """A copy of ``fp`` with Q/DQ pairs on every tensor in ``table.activations`` (all consumers
     read the dequantized tensor) and quantized weights on every node in ``table.weights``."""
@@ -61,17 +78,29 @@ def insert_qdq(fp: onnx.ModelProto, table: QuantTable, target: str) -> onnx.Mode
         new_inits.append(numpy_helper.from_array(zp_np, z))
         nodes = []
         src = tensor
-        if needs_clip(entry.grid, target):
-            lo = f"{tensor}.clip_min"
-            hi = f"{tensor}.clip_max"
+        clip = needs_clip(entry.grid, target)
+        if clip and target == "tensorrt":
+            # TensorRT: a float Clip before the INT8 Q (TensorRT fuses it into the producing kernel)
+            lo, hi = f"{tensor}.clip_min", f"{tensor}.clip_max"
             new_inits.append(numpy_helper.from_array(np.array(entry.grid.qmin * entry.scale, dtype=np.float32), lo))
             new_inits.append(numpy_helper.from_array(np.array(entry.grid.qmax * entry.scale, dtype=np.float32), hi))
             nodes.append(helper.make_node("Clip", [src, lo, hi], [f"{tensor}_clipped"], name=f"{tensor}_Clip"))
             src = f"{tensor}_clipped"
         nodes.append(helper.make_node("QuantizeLinear", [src, s, z], [f"{tensor}_quantized"],
                                       name=f"{tensor}_QuantizeLinear"))
-        nodes.append(helper.make_node("DequantizeLinear", [f"{tensor}_quantized", s, z],
-                                      [f"{tensor}_dequantized"], name=f"{tensor}_DequantizeLinear"))
+        q_out = f"{tensor}_quantized"
+        if clip and target != "tensorrt":
+            # ONNX Runtime: the Clip runs on the UINT8 codes between Q and DQ. Same numbers as a float
+            # Clip before Q (clamp(round(x/s)) commutes with the container's saturation), but the
+            # DQ -> Conv -> Q patterns stay intact, so 4-bit convs still fuse into QLinearConv.
+            lo, hi = f"{tensor}.clip_qmin", f"{tensor}.clip_qmax"
+            new_inits.append(numpy_helper.from_array(np.array(zp + entry.grid.qmin, dtype=zp_np.dtype), lo))
+            new_inits.append(numpy_helper.from_array(np.array(zp + entry.grid.qmax, dtype=zp_np.dtype), hi))
+            nodes.append(helper.make_node("Clip", [q_out, lo, hi], [f"{tensor}_quantized_clipped"],
+                                          name=f"{tensor}_Clip"))
+            q_out = f"{tensor}_quantized_clipped"
+        nodes.append(helper.make_node("DequantizeLinear", [q_out, s, z], [f"{tensor}_dequantized"],
+                                      name=f"{tensor}_DequantizeLinear"))
         rename[tensor] = f"{tensor}_dequantized"
         return nodes
 
@@ -111,6 +140,11 @@ def insert_qdq(fp: onnx.ModelProto, table: QuantTable, target: str) -> onnx.Mode
                 new_nodes.append(helper.make_node("DequantizeLinear", [bqn, bsn, bzn], [f"{b_name}_dequantized"],
                                                   name=f"{b_name}_DequantizeLinear", axis=0))
                 node_copy.input[2] = f"{b_name}_dequantized"
+        if target != "tensorrt" and _redundant_upper_clip(node, table, inits):
+            # Clip(0, hi) -> Q(s, zp=0) with the codes clamped to [0, qmax] and qmax*s <= hi: the
+            # upper bound can never bind, so the Clip is a Relu (which ONNX Runtime folds into its
+            # QLinearConv). A 4-bit ReLU6 conv otherwise stays a float conv.
+            node_copy = helper.make_node("Relu", [node_copy.input[0]], list(node.output), name=node.name)
         new_nodes.append(node_copy)
         for out in node.output:
             if out in table.activations:

@@ -73,8 +73,10 @@ def test_rules_checker_catches_violations():
     assert any("weight" in p and "not quantized" in p for p in tensorrt_violations(ex.qdq))
 
 
-def test_onnxruntime_flavour_fuses_into_integer_kernels(tmp_path):
-    qm = _quantized(8, "onnxruntime")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_onnxruntime_flavour_fuses_into_integer_kernels(tmp_path, bits):
+    # 4-bit too: its Clips run on the UINT8 codes between Q and DQ and must not break the fusion
+    qm = _quantized(bits, "onnxruntime")
     path = tmp_path / "q.onnx"
     export_onnx(qm, path)
     so = ort.SessionOptions()
@@ -85,6 +87,9 @@ def test_onnxruntime_flavour_fuses_into_integer_kernels(tmp_path):
     assert ops["QLinearConv"] == 5, ops
     assert ops["Conv"] == 0, ops
     assert ops["QLinearAdd"] == 1 and ops["QLinearGlobalAveragePool"] == 1, ops
+    if bits == 4:
+        clips = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Clip"]
+        assert len(clips) >= 5 and all(n.input[0].endswith("_quantized") for n in clips)
 
 
 def test_reexport_is_byte_identical(tmp_path):
