@@ -335,8 +335,23 @@ def run_export(job: ExportJob, *, log=print) -> dict:
                     "report": str(job.report_path), "markdown": str(job.markdown_path)},
         "timings_s": timings,
     }
-    engine_error = None
-    if job.engine_path is not None:
+    failure = None
+    if violations:
+        failure = VerificationError("The exported graph breaks TensorRT's Q/DQ rules:\n  " + "\n  ".join(violations))
+    elif fidelity["agreement"] < MIN_AGREEMENT:
+        failure = VerificationError(
+            f"The exported ONNX agrees with the fake-quant model on only {100 * fidelity['agreement']:.2f}% of "
+            f"top-1 predictions ({fidelity['images']} images); expected at least {100 * MIN_AGREEMENT:.0f}%. "
+            f"The artifact is not trustworthy; the report {job.report_path} has the details.")
+    if failure is not None:
+        # an artifact that failed its check never sits at the path a deployment would pick up
+        rejected = job.onnx_path.with_name(job.onnx_path.stem + ".rejected.onnx")
+        os.replace(job.onnx_path, rejected)
+        report["status"] = "rejected"
+        report["outputs"]["onnx"] = None
+        report["outputs"]["rejected_onnx"] = str(rejected)
+        failure.message += f" The ONNX was moved to {rejected} for inspection."
+    elif job.engine_path is not None:
         from dfq.errors import EngineNotBuiltError
         from dfq.export.tensorrt import build_engine, require_tensorrt
 
@@ -346,20 +361,12 @@ def run_export(job: ExportJob, *, log=print) -> dict:
                                                                    input_shape=tuple(spec.input_size))}
         except EngineNotBuiltError as exc:
             report["engine"] = {"status": "not built", "reason": str(exc)}
-            engine_error = exc
+            failure = exc
+    report.setdefault("status", "ok" if failure is None else "engine not built")
     report["wall_s"] = time.perf_counter() - t_start
     atomic_write_bytes(job.report_path, to_json(report))
     atomic_write_bytes(job.markdown_path, to_markdown(report).encode())
 
-    failure = None
-    if violations:
-        failure = VerificationError("The exported graph breaks TensorRT's Q/DQ rules:\n  " + "\n  ".join(violations))
-    elif fidelity["agreement"] < MIN_AGREEMENT:
-        failure = VerificationError(
-            f"The exported ONNX agrees with the fake-quant model on only {100 * fidelity['agreement']:.2f}% of "
-            f"top-1 predictions ({fidelity['images']} images); expected at least {100 * MIN_AGREEMENT:.0f}%. "
-            f"The artifact is not trustworthy; the report {job.report_path} has the details.")
-    failure = failure or engine_error
     if failure is None and recipe.trains and job.checkpoint_path.exists():
         job.checkpoint_path.unlink()   # the run finished; the artifact holds the trained model
     if failure is not None:

@@ -126,3 +126,19 @@ def test_leftover_checkpoint_needs_resume_or_force(tmp_path):
     ExportJob(model="m.pth", out=str(tmp_path / "x.onnx"), method="acq", resume=True).check_outputs()
     with pytest.raises(UsageError, match="does not fine-tune"):
         ExportJob(model="m.pth", out=str(tmp_path / "x.onnx"), method="bns", steps=10)
+
+
+def test_artifact_failing_its_check_is_moved_aside(tmp_path, monkeypatch):
+    # a verification failure (here: an agreement threshold no artifact can meet) exits 8, keeps the
+    # report that says why, and leaves nothing at the ONNX path a deployment would pick up
+    import dfq.job
+    from dfq.errors import VerificationError
+
+    monkeypatch.setattr(dfq.job, "MIN_AGREEMENT", 1.01)
+    with pytest.raises(VerificationError) as err:
+        dfq.job.run_export(_job(tmp_path, "r20.onnx"), log=lambda m: None)
+    assert err.value.exit_code == 8 and "r20.rejected.onnx" in str(err.value)
+    assert not (tmp_path / "r20.onnx").exists() and (tmp_path / "r20.rejected.onnx").stat().st_size > 0
+    saved = json.loads((tmp_path / "r20.report.json").read_text())
+    assert saved["status"] == "rejected" and saved["outputs"]["onnx"] is None
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
