@@ -74,8 +74,11 @@ def main(argv: list[str] | None = None) -> int:
 
         for flag, value in (("--batch", args.batch), ("--synth-images", args.synth_images),
                             ("--synth-steps", args.synth_steps)):
-            if value is not None and value < (2 if flag == "--batch" else 1):
-                raise UsageError(f"{flag} {value} is too small.")
+            least = {"--batch": 2, "--synth-images": 16, "--synth-steps": 1}[flag]
+            if value is not None and value < least:
+                why = (" (8 images are held out to choose the calibration, at least 8 calibrate)"
+                       if flag == "--synth-images" else "")
+                raise UsageError(f"{flag} {value} is too small: use at least {least}{why}.")
         synth = {}
         if args.synth_images is not None:
             synth["num_images"] = args.synth_images

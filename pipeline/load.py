@@ -239,6 +239,15 @@ def _check_match(model: nn.Module, state_dict: dict[str, torch.Tensor], spec: Mo
                   for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
     if not (missing or unexpected or mismatched):
         return
+    bn_keys = {f"{name}.{b}" for name, m in model.named_modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in ("running_mean", "running_var")}
+    if bn_keys and bn_keys <= set(missing) and not (bn_keys & set(state_dict)):
+        raise UnsupportedModelError(
+            f"{path} holds no BatchNorm statistics for '{spec.name}' ({len(bn_keys) // 2} BatchNorm layers, none "
+            f"in the file; e.g. {_shorten(sorted(bn_keys))}): the checkpoint was saved with BatchNorm already "
+            "folded into the convolutions, or trained without it. Data-free synthesis reads exactly those "
+            "running means and variances, so dfq cannot quantize this file without data (it has no real-data "
+            "calibration mode). Export the checkpoint from the model before BatchNorm folding.")
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing key(s): {_shorten(missing)}")

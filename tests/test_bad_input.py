@@ -145,3 +145,28 @@ def test_resume_without_checkpoint(tmp_path, capsys, r20_weights):
     code = main([_ckpt(tmp_path, r20_weights), "--out", str(tmp_path / "out.onnx"), "--resume",
                  "--method", "bns", "--no-progress"])
     assert code == 2 and "does not fine-tune" in capsys.readouterr().err
+
+
+def test_checkpoint_without_batchnorm_statistics(tmp_path, capsys, r20_weights):
+    # e.g. saved after BN folding: data-free synthesis has nothing to read
+    folded = {k: v for k, v in r20_weights.items() if ".bn" not in k and not k.startswith("bn")}
+    assert len(folded) < len(r20_weights)
+    code, err = _run(tmp_path, capsys, [_ckpt(tmp_path, folded)])
+    assert code == 5 and "no BatchNorm statistics" in err and "real-data" in err
+
+
+def test_corrupted_finetuning_checkpoint_is_reported(tmp_path, capsys, r20_weights):
+    ckpt = tmp_path / "out.finetune.ckpt"
+    ckpt.write_bytes(b"\x00" * 1000)
+    before = set(tmp_path.rglob("*"))
+    code = main([_ckpt(tmp_path, r20_weights), "--out", str(tmp_path / "out.onnx"), "--resume", "--method", "gdfq",
+                 "--synth-images", "16", "--synth-steps", "1", "--steps", "2", "--batch", "4", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 3 and "corrupted or truncated" in err and "Traceback" not in err
+    assert set(tmp_path.rglob("*")) - before == {tmp_path / "resnet20.pth"}
+    assert ckpt.read_bytes() == b"\x00" * 1000  # not overwritten, not deleted
+
+
+def test_too_few_synthetic_images(tmp_path, capsys, r20_weights):
+    code, err = _run(tmp_path, capsys, [_ckpt(tmp_path, r20_weights), "--synth-images", "8"])
+    assert code == 2 and "--synth-images 8 is too small" in err
