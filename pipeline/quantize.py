@@ -341,13 +341,14 @@ def input_quantizer_of(gm: fx.GraphModule, layer: fx.Node) -> fx.Node | None:
 
 
 def _link_bias_scales(gm: fx.GraphModule, config: QuantConfig) -> None:
-    """ONNX Runtime target: conv biases live on the int32 grid ``s_in * s_w``; pass each conv
-    the scale of its input quantizer as a second argument."""
+    """ONNX Runtime target: conv and linear biases live on the int32 grid ``s_in * s_w`` (what
+    QLinearConv and QGemm take; a float bias keeps ORT from fusing a Gemm into QGemm); pass each
+    layer the scale of its input quantizer as a second argument."""
     if config.target != "onnxruntime":
         return
     for node in layer_nodes(gm):
         m = _module(gm, node)
-        if not isinstance(m, QuantConv2d):
+        if not isinstance(m, (QuantConv2d, QuantLinear)):
             continue
         aq = input_quantizer_of(gm, node)
         if aq is None:

@@ -87,6 +87,7 @@ def test_onnxruntime_flavour_fuses_into_integer_kernels(tmp_path, bits):
     assert ops["QLinearConv"] == 5, ops
     assert ops["Conv"] == 0, ops
     assert ops["QLinearAdd"] == 1 and ops["QLinearGlobalAveragePool"] == 1, ops
+    assert ops["QGemm"] == 1 and ops["Gemm"] == 0, ops  # int32 bias: the classifier runs integer too
     if bits == 4:
         clips = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Clip"]
         assert len(clips) >= 5 and all(n.input[0].endswith("_quantized") for n in clips)
