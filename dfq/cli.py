@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-range-weights", action="store_true",
                    help="onnxruntime target: 8-bit weights on [-127,127] instead of [-63,63] (exact only on "
                         "CPUs with VNNI; AVX2-only CPUs saturate)")
+    p.add_argument("--residual-bits", type=int, choices=(4, 8),
+                   help="bits of tensors only residual Adds read (conv outputs before an Add); every conv "
+                        "still reads --bits-bit inputs (default: the same as --bits)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -90,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                         method=args.method, steps=args.steps, resume=args.resume, checkpoint=args.checkpoint,
                         val=args.val, val_limit=args.val_limit, budget=args.budget,
                         seed=args.seed, report=args.report,
-                        reduce_range=False if args.full_range_weights else None, force=args.force, threads=args.threads,
+                        reduce_range=False if args.full_range_weights else None, residual_bits=args.residual_bits,
+                        force=args.force, threads=args.threads,
                         latency_batches=tuple(args.latency_batches or (1,)), progress=not args.no_progress,
                         synth_overrides=synth, finetune_overrides=tune)
         report = run_export(job, log=lambda msg: print(msg, file=sys.stderr))

@@ -43,6 +43,7 @@ class ExportJob:
     budget: Literal["fast", "default", "long"] = "default"
     seed: int = 0
     reduce_range: bool | None = None      # None: QuantConfig's default for the target
+    residual_bits: int | None = None      # None: QuantConfig's default (see QuantConfig.residual_bits)
     report: str | None = None
     force: bool = False
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -220,7 +221,8 @@ def run_export(job: ExportJob, *, log=print) -> dict:
     t = time.perf_counter()
     holdout_n = max(8, len(images) // 4)
     calib, holdout = images[:-holdout_n], images[-holdout_n:]
-    qconfig = QuantConfig(bits=job.bits, target=job.target, reduce_range=job.reduce_range)
+    qconfig = QuantConfig(bits=job.bits, target=job.target, reduce_range=job.reduce_range,
+                          **({} if job.residual_bits is None else {"residual_bits": job.residual_bits}))
     qmodel = quantize(loaded.model, qconfig, calib[:2])
     calib_result = calibrate(qmodel, calib, holdout=holdout, seed=job.seed)
     timings["quantize"] = time.perf_counter() - t
@@ -239,7 +241,8 @@ def run_export(job: ExportJob, *, log=print) -> dict:
             ft_cfg = dataclasses.replace(ft_cfg, **job.finetune_overrides)
         fingerprint = checkpoint_fingerprint(
             model_sha256=loaded.source["sha256"], arch=spec.name, bits=job.bits, target=job.target,
-            method=job.method, seed=job.seed, reduce_range=qconfig.reduce_range, synth=synth_cfg.to_dict(),
+            method=job.method, seed=job.seed, reduce_range=qconfig.reduce_range,
+            residual_bits=qconfig.residual_bits, synth=synth_cfg.to_dict(),
             finetune=ft_cfg.to_dict(), processes=info.world)
         log(f"[dfq] fine-tuning ({recipe.name}: {recipe.summary}) for {ft_cfg.steps} steps of batch {ft_cfg.batch}; "
             f"checkpoint {job.checkpoint_path}")

@@ -53,10 +53,16 @@ class QuantConfig:
     # target, whose x86 kernels without VNNI saturate with full-range weights (see
     # dfq.kernels.fake_quant.weight_grid); off for TensorRT.
     reduce_range: bool | None = None
+    # Bits of tensors that no conv/linear reads, only residual Adds (and, for ONNX Runtime, the
+    # conv/Add outputs that only feed Adds): None = ``bits``. Every layer still computes on
+    # ``bits``-bit inputs; this is the precision of the residual branch before the Add.
+    residual_bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"--bits {self.bits} is not supported; use 8 (W8A8) or 4 (W4A4)")
+        if self.residual_bits is not None and self.residual_bits not in SUPPORTED_BITS:
+            raise ValueError(f"--residual-bits {self.residual_bits} is not supported; use 8 or 4")
         if self.target not in TARGETS:
             raise ValueError(f"unknown target {self.target!r}; use one of {', '.join(TARGETS)}")
         if self.calibration not in ("auto", "minmax", "percentile", "mse"):
@@ -296,28 +302,34 @@ def quant_requirements(gm: fx.GraphModule, layer_bits: dict[str, int], config: Q
     a Q on every conv and Add output (after a following ReLU/ReLU6, which the Q then makes
     redundant) so DQ-Conv-Q fuses into QLinearConv. Bits: the largest any consumer asks for.
     """
-    need: dict[fx.Node, int] = {}
+    layer_need: dict[fx.Node, int] = {}   # tensors a conv/linear reads: that layer's bits
+    other_need: dict[fx.Node, int] = {}   # tensors only Adds read (or ORT's output Qs)
+    residual = config.residual_bits or config.bits
 
-    def require(node, bits: int) -> None:
+    order: dict[fx.Node, None] = {}       # first-seen order, so quantizer order is stable
+
+    def require(table: dict, node, bits: int) -> None:
         if not isinstance(node, fx.Node):
             return
         src = source_of(gm, node)
-        need[src] = max(need.get(src, 0), bits)
+        order.setdefault(src)
+        table[src] = max(table.get(src, 0), bits)
 
     for node in gm.graph.nodes:
         m = _module(gm, node)
         if isinstance(m, (QuantConv2d, QuantLinear)):
-            require(node.args[0], layer_bits[str(node.target)])
+            require(layer_need, node.args[0], layer_bits[str(node.target)])
         if is_add(node):
             for a in node.args[:2]:
-                require(a, config.bits)
+                require(other_need, a, residual)
         if config.target == "onnxruntime" and (isinstance(m, QuantConv2d) or is_add(node)):
             out = node
             users = list(node.users)
             if len(users) == 1 and is_clip_activation(gm, users[0]) is not None:
                 out = users[0]
-            require(out, config.bits)
-    return need
+            require(other_need, out, residual)
+    # a tensor a layer reads is quantized for that layer, whatever else reads it
+    return {src: layer_need.get(src, other_need.get(src)) for src in order}
 
 
 def _insert_act_quantizers(gm: fx.GraphModule, need: dict[fx.Node, int], config: QuantConfig) -> None:

@@ -63,6 +63,19 @@ def test_activation_quantizer_placement_and_sign(target):
         assert qm.module.get_submodule("down").bias_mode == "int32"
 
 
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+def test_residual_bits_only_widen_tensors_no_layer_reads(target):
+    qm = quantize(tiny_resnet(), QuantConfig(bits=4, target=target, residual_bits=8), tiny_images(2))
+    aq = qm.act_quantizers()
+    assert aq["aq_block_conv2"].bits == 8          # the conv output that only the Add reads
+    # the shortcut also feeds a conv (the block input is the pool output, read by block.conv1): 4 bits
+    assert aq["aq_block_relu1"].bits == 4 and aq["aq_block_relu2"].bits == 4
+    for name, layer in qm.layers().items():
+        assert layer.weight_quantizer.bits == qm.layer_bits[name]
+    same = quantize(tiny_resnet(), QuantConfig(bits=4, target=target), tiny_images(2)).act_quantizers()
+    assert same["aq_block_conv2"].bits == 4 and list(same) == list(aq)
+
+
 def test_calibration_picks_measured_best_and_sets_positive_scales():
     qm = quantize(tiny_resnet(), QuantConfig(bits=4), tiny_images(2))
     res = calibrate(qm, tiny_images(64))
