@@ -28,6 +28,9 @@ from dfq.kernels.fake_quant import (
 )
 
 
+MIN_RELATIVE_WEIGHT_SCALE = 1e-4   # smallest channel step, relative to the layer's largest
+
+
 def fold_bn_into_conv(weight: torch.Tensor, bias: torch.Tensor | None, bn_mean: torch.Tensor,
                       bn_var: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,8 +72,13 @@ class WeightQuantizer(nn.Module):
         """Set the scales from the weight: an MSE-minimising clip search per channel when
         ``search`` (the clip ratio ranges over [0.5, 1]), else ``max|w| / qmax``."""
         lowest = 0.5 if search else 1.0
-        self.scale.copy_(mse_optimal_scale(w, self.grid, candidates=51 if search else 1,
-                                           lowest=lowest, channel_dim=0))
+        scale = mse_optimal_scale(w, self.grid, candidates=51 if search else 1, lowest=lowest, channel_dim=0)
+        # Near-dead channels (BN gamma ~ 0: max|w| 1e-6..1e-10 of their neighbours', common in
+        # EfficientNet) would get steps so small that their bias, on the int32 grid s_in * s_w,
+        # overflows int32 and is silently clamped to ~0. Such channels output their bias; a floor
+        # relative to the layer's largest step keeps that bias exact and costs nothing (weights
+        # this small quantize to 0 under either step).
+        self.scale.copy_(torch.maximum(scale, scale.max() * MIN_RELATIVE_WEIGHT_SCALE))
 
 
 class ActQuantizer(nn.Module):

@@ -120,3 +120,27 @@ def test_unsupported_layer_is_named():
 
     with pytest.raises(UnsupportedModelError, match="'norm' \\(GroupNorm\\)"):
         quantize(Bad().eval(), QuantConfig(), tiny_images(2))
+
+
+def test_near_dead_channel_keeps_its_int32_bias():
+    # a channel whose BN gamma is ~0 has weights ~1e-9 and a bias of order 1; its output is the
+    # bias. Without a floor on its step, bias / (s_in * s_w) overflows int32 and the bias is lost.
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    bn = nn.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        bn.weight[2] = 1e-9
+        bn.bias[2] = 1.5
+    model = nn.Sequential(conv, bn, nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4).eval(), nn.ReLU()).eval()
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    qm = quantize(model, QuantConfig(bits=8, target="onnxruntime", keep_8bit=()), x[:2])
+    calibrate(qm, x, holdout=x, batch_size=4)
+    layer = qm.module.get_submodule("0")
+    assert layer.bias_mode == "int32"
+    s = layer.weight_quantizer.scale.detach()
+    assert s[2] >= s.max() * 1e-4 * 0.999
+    seen = []
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        qm(x)
+    handle.remove()
+    torch.testing.assert_close(seen[0][:, 2], torch.full_like(seen[0][:, 2], 1.5), atol=1e-3, rtol=0)
