@@ -5,7 +5,7 @@
 
 Runs :mod:`accuracy` once per method (records land in ``results/accuracy.json``), then draws
 ``results/ablation.png`` (top-1 drop of the exported ONNX vs FP, per method and bit width, one panel
-per model/budget) and ``results/ablation.md`` from every accuracy record with a method.
+per model/budget, onnxruntime target) and ``results/ablation.md`` from every accuracy record with a method.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def plot(records: list[dict], png: Path, md: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
     for ax, (model, budget) in zip(axes[0], panels):
-        sel = [r for r in rows if r["model"] == model and r.get("budget") == budget]
+        sel = [r for r in rows if r["model"] == model and r.get("budget") == budget and r["target"] == "onnxruntime"]
         bits = sorted({r["bits"] for r in sel})
         width = 0.8 / max(1, len(bits))
         for j, b in enumerate(bits):
