@@ -73,12 +73,13 @@ def main(argv=None) -> int:
         "latency": rep["latency"], "commit": rep["commit"],
         "command": " ".join(shlex.quote(c) for c in cmd).replace(str(root), "../shared").replace(str(out), "OUT.onnx"),
         "machine": rep["machine"],
+        "options": args.extra or None,
     }
     print(json.dumps({k: rec[k] for k in ("model", "bits", "target", "top1_fp", "top1_int", "drop_points",
                                           "agreement", "wall_s")}))
-    records = merge_records(Path(args.out), [rec], key=("model", "dataset", "method", "bits", "target", "budget", "steps"))
+    records = merge_records(Path(args.out), [rec], key=("model", "dataset", "method", "bits", "target", "budget", "steps", "options"))
     write_markdown(Path(args.out).with_suffix(".md"), records,
-                   ["model", "dataset", "method", "bits", "target", "budget", "steps", "top1_fp", "top1_int",
+                   ["model", "dataset", "method", "bits", "target", "budget", "steps", "options", "top1_fp", "top1_int",
                     "drop_points", "agreement", "agreement_exact", "wall_s", "commit"],
                    "Accuracy of exported artifacts (ONNX Runtime, CPU) vs FP32 on the same images")
     return proc.returncode
