@@ -142,3 +142,19 @@ def test_artifact_failing_its_check_is_moved_aside(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "r20.report.json").read_text())
     assert saved["status"] == "rejected" and saved["outputs"]["onnx"] is None
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_same_seed_same_machine_gives_identical_artifact_and_numbers(tmp_path):
+    from dfq.job import run_export
+
+    reports = []
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        reports.append(run_export(_job(tmp_path, f"{sub}/r20.onnx"), log=lambda m: None))
+    assert (tmp_path / "a/r20.onnx").read_bytes() == (tmp_path / "b/r20.onnx").read_bytes()
+    assert (tmp_path / "a/r20.fp32.onnx").read_bytes() == (tmp_path / "b/r20.fp32.onnx").read_bytes()
+    for key in ("fidelity", "calibration", "quant", "synthesis"):
+        a, b = reports[0][key], reports[1][key]
+        if key == "synthesis":
+            a, b = {k: v for k, v in a.items() if k != "seconds"}, {k: v for k, v in b.items() if k != "seconds"}
+        assert a == b, key

@@ -75,3 +75,6 @@ def test_sigkill_during_finetuning_then_resume_gives_identical_onnx(tmp_path):
     assert not ckpt.exists()
     rep = json.loads((run_dir / "m.report.json").read_text())
     assert rep["finetune"]["result"]["resumed_from"] > 0
+    ref = json.loads((ref_dir / "m.report.json").read_text())
+    # identical report numbers too (timings aside)
+    assert rep["fidelity"] == ref["fidelity"] and rep["calibration"] == ref["calibration"]
