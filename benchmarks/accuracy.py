@@ -68,6 +68,7 @@ def main(argv=None) -> int:
         "steps": (rep.get("finetune", {}).get("result") or {}).get("steps", 0),
         "batch": (rep.get("finetune", {}).get("config") or {}).get("batch"),
         "finetune_s": rep.get("finetune", {}).get("seconds"),
+        "heldout_kd": rep.get("finetune", {}).get("heldout_kd"),
         "calibration": rep["calibration"]["method"], "synthetic_images": rep["synthesis"]["num_images"],
         "wall_s": wall, "exit_code": proc.returncode, "timings_s": rep["timings_s"],
         "latency": rep["latency"], "commit": rep["commit"],

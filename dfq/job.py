@@ -244,6 +244,9 @@ def run_export(job: ExportJob, *, log=print) -> dict:
             method=job.method, seed=job.seed, reduce_range=qconfig.reduce_range,
             residual_bits=qconfig.residual_bits, synth=synth_cfg.to_dict(),
             finetune=ft_cfg.to_dict(), processes=info.world)
+        from dfq.pipeline.calibrate import heldout_kd
+
+        kd_before = heldout_kd(loaded.model, qmodel, holdout)
         log(f"[dfq] fine-tuning ({recipe.name}: {recipe.summary}) for {ft_cfg.steps} steps of batch {ft_cfg.batch}; "
             f"checkpoint {job.checkpoint_path}")
         try:
@@ -257,6 +260,14 @@ def run_export(job: ExportJob, *, log=print) -> dict:
         timings["finetune"] = time.perf_counter() - t
         finetune_report.update(ran=True, config=ft_cfg.to_dict(), result=ft.to_dict(), seconds=timings["finetune"],
                                processes=info.world, global_batch=ft_cfg.batch * info.world)
+        # A data-free health check (never the validation images): the FP->quantized KL on the
+        # held-out BN-inversion images, which neither calibration ranges nor fine-tuning saw.
+        kd_after = heldout_kd(loaded.model, qmodel, holdout)
+        finetune_report["heldout_kd"] = {"before": kd_before, "after": kd_after, "images": len(holdout)}
+        if kd_after > kd_before and info.main:
+            log(f"[dfq] warning: fine-tuning raised the FP->quantized KL on {len(holdout)} held-out synthetic images "
+                f"from {kd_before:.4f} to {kd_after:.4f}; the calibrated model before fine-tuning may be the better "
+                f"one (compare with --method bns)")
     if not info.main:
         # only rank 0 exports, checks and writes; the other ranks are done
         return {"kind": "dfq-export-worker", "rank": info.rank, "processes": info.world}

@@ -105,6 +105,17 @@ def _batched(model, images: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def heldout_kd(fp_model: torch.nn.Module, qmodel: QuantizedModel, images: torch.Tensor, batch_size: int = 64) -> float:
+    """Mean KL(FP || quantized) in nats on ``images``, both models in eval mode."""
+    was_training = qmodel.module.training
+    qmodel.module.eval()
+    try:
+        return output_kl(_batched(fp_model.eval(), images, batch_size), _batched(qmodel.module, images, batch_size))
+    finally:
+        qmodel.module.train(was_training)
+
+
+@torch.no_grad()
 def calibrate(qmodel: QuantizedModel, images: torch.Tensor, *, holdout: torch.Tensor | None = None,
               batch_size: int = 64, seed: int = 0) -> CalibrationResult:
     """Set every activation scale of ``qmodel`` from ``images`` (synthetic, model input space).

@@ -114,6 +114,8 @@ def test_end_to_end_acq_fine_tunes_and_cleans_its_checkpoint(tmp_path):
     report = run_export(job, log=lambda m: None)
     ft = report["finetune"]
     assert ft["ran"] and ft["recipe"]["name"] == "acq" and ft["result"]["steps"] == 3
+    kd = ft["heldout_kd"]   # data-free health check on held-out synthetic images, before and after
+    assert kd["images"] == 8 and kd["before"] > 0 and kd["after"] > 0 and kd["before"] != kd["after"]
     assert report["fidelity"]["agreement"] >= 0.99
     assert not job.checkpoint_path.exists()   # removed after success
 
