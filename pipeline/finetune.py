@@ -398,7 +398,7 @@ class Finetuner:
             d_loss.backward()
             D.average_gradients([p for grp in self.opt_d.param_groups for p in grp["params"]], self.info)
             self.opt_d.step()
-            log["disc"] = float(d_loss)
+            log["disc"] = float(d_loss.detach())
         if self.centroids is not None:
             sums, counts = L.ClassCentroids.class_sums(pen, labels, self.num_classes)
             if self.info.enabled:
