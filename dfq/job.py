@@ -222,7 +222,7 @@ def run_export(job: ExportJob, *, log=print) -> dict:
     holdout_n = max(8, len(images) // 4)
     calib, holdout = images[:-holdout_n], images[-holdout_n:]
     qconfig = QuantConfig(bits=job.bits, target=job.target, reduce_range=job.reduce_range,
-                          **({} if job.residual_bits is None else {"residual_bits": job.residual_bits}))
+                          residual_bits=job.residual_bits)
     qmodel = quantize(loaded.model, qconfig, calib[:2])
     calib_result = calibrate(qmodel, calib, holdout=holdout, seed=job.seed)
     timings["quantize"] = time.perf_counter() - t

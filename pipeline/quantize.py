@@ -300,7 +300,9 @@ def quant_requirements(gm: fx.GraphModule, layer_bits: dict[str, int], config: Q
     Both targets: the activation input of every conv/linear and both inputs of every residual
     Add (so TensorRT fuses it and ONNX Runtime runs QLinearAdd). ONNX Runtime additionally needs
     a Q on every conv and Add output (after a following ReLU/ReLU6, which the Q then makes
-    redundant) so DQ-Conv-Q fuses into QLinearConv. Bits: the largest any consumer asks for.
+    redundant) so DQ-Conv-Q fuses into QLinearConv. Bits: a tensor a conv/linear reads gets the
+    largest bits its reading layers ask for; any other quantized tensor gets ``residual_bits``
+    (default ``bits``).
     """
     layer_need: dict[fx.Node, int] = {}   # tensors a conv/linear reads: that layer's bits
     other_need: dict[fx.Node, int] = {}   # tensors only Adds read (or ORT's output Qs)
