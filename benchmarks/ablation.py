@@ -21,7 +21,7 @@ METHODS = ["bns", "bns-ft", "gdfq", "dsg", "clusterq", "ddaq", "acq"]
 
 
 def plot(records: list[dict], png: Path, md: Path) -> None:
-    rows = [r for r in records if r.get("method") in METHODS]
+    rows = [r for r in records if r.get("method") in METHODS and not r.get("options")]  # default options only
     lines = ["# Data-free method ablation (exported ONNX top-1 vs FP, ONNX Runtime CPU)", "",
              "| model | bits | target | budget | method | steps | top1_fp | top1_int | drop_points | agreement | wall_s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
