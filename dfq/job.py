@@ -247,6 +247,7 @@ def run_export(job: ExportJob, *, log=print) -> dict:
         from dfq.pipeline.calibrate import heldout_kd
 
         kd_before = heldout_kd(loaded.model, qmodel, holdout)
+        calibrated_state = {k: v.detach().clone() for k, v in qmodel.module.state_dict().items()}
         log(f"[dfq] fine-tuning ({recipe.name}: {recipe.summary}) for {ft_cfg.steps} steps of batch {ft_cfg.batch}; "
             f"checkpoint {job.checkpoint_path}")
         try:
@@ -260,14 +261,19 @@ def run_export(job: ExportJob, *, log=print) -> dict:
         timings["finetune"] = time.perf_counter() - t
         finetune_report.update(ran=True, config=ft_cfg.to_dict(), result=ft.to_dict(), seconds=timings["finetune"],
                                processes=info.world, global_batch=ft_cfg.batch * info.world)
-        # A data-free health check (never the validation images): the FP->quantized KL on the
-        # held-out BN-inversion images, which neither calibration ranges nor fine-tuning saw.
+        # A data-free check (never the validation images): the FP->quantized KL on the held-out
+        # BN-inversion images, which neither calibration ranges nor fine-tuning saw.
+        # The model exported is the fine-tuned one unless this data-free criterion says fine-tuning
+        # made it worse (seen: EfficientNet-Lite0 W8A8, fast budget); then the calibrated model is kept.
         kd_after = heldout_kd(loaded.model, qmodel, holdout)
+        keep_calibrated = kd_after > kd_before
+        if keep_calibrated:
+            qmodel.module.load_state_dict(calibrated_state)
         finetune_report["heldout_kd"] = {"before": kd_before, "after": kd_after, "images": len(holdout)}
-        if kd_after > kd_before and info.main:
+        finetune_report["exported"] = "calibrated (before fine-tuning)" if keep_calibrated else "fine-tuned"
+        if keep_calibrated and info.main:
             log(f"[dfq] warning: fine-tuning raised the FP->quantized KL on {len(holdout)} held-out synthetic images "
-                f"from {kd_before:.4f} to {kd_after:.4f}; the calibrated model before fine-tuning may be the better "
-                f"one (compare with --method bns)")
+                f"from {kd_before:.4f} to {kd_after:.4f}; exporting the calibrated model from before fine-tuning")
     if not info.main:
         # only rank 0 exports, checks and writes; the other ranks are done
         return {"kind": "dfq-export-worker", "rank": info.rank, "processes": info.world}

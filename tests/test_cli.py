@@ -160,3 +160,29 @@ def test_same_seed_same_machine_gives_identical_artifact_and_numbers(tmp_path):
         if key == "synthesis":
             a, b = {k: v for k, v in a.items() if k != "seconds"}, {k: v for k, v in b.items() if k != "seconds"}
         assert a == b, key
+
+
+def test_finetuning_that_worsens_the_heldout_kl_is_not_exported(tmp_path, monkeypatch):
+    # the data-free criterion says fine-tuning made things worse -> the calibrated model is exported,
+    # byte for byte the one a run without fine-tuning exports
+    import dfq.pipeline.calibrate as C
+    import dfq.pipeline.finetune as F
+    from dfq.job import run_export
+
+    ft = {"steps": 3, "batch": 8, "warmup_steps": 1, "latent": 16}
+    values = iter([0.1, 0.2])
+    monkeypatch.setattr(C, "heldout_kd", lambda *a, **k: next(values))
+    (tmp_path / "a").mkdir()
+    rep = run_export(_job(tmp_path, "a/r20.onnx", method="acq", bits=4, finetune_overrides=ft), log=lambda m: None)
+    assert rep["finetune"]["exported"] == "calibrated (before fine-tuning)"
+    assert rep["finetune"]["result"]["steps"] == 3
+
+    class _NoTraining:
+        def to_dict(self):
+            return {"steps": 0}
+
+    monkeypatch.setattr(C, "heldout_kd", lambda *a, **k: 0.1)
+    monkeypatch.setattr(F, "finetune", lambda *a, **k: _NoTraining())
+    (tmp_path / "b").mkdir()
+    run_export(_job(tmp_path, "b/r20.onnx", method="acq", bits=4, finetune_overrides=ft), log=lambda m: None)
+    assert (tmp_path / "a/r20.onnx").read_bytes() == (tmp_path / "b/r20.onnx").read_bytes()
