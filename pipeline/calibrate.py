@@ -100,17 +100,18 @@ def output_kl(fp_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _batched(model, images: torch.Tensor, batch: int) -> torch.Tensor:
+def batched_logits(model, images: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.cat([model(images[i:i + batch]) for i in range(0, len(images), batch)])
 
 
 @torch.no_grad()
-def heldout_kd(fp_model: torch.nn.Module, qmodel: QuantizedModel, images: torch.Tensor, batch_size: int = 64) -> float:
-    """Mean KL(FP || quantized) in nats on ``images``, both models in eval mode."""
+def heldout_kd(qmodel: QuantizedModel, images: torch.Tensor, fp_logits: torch.Tensor, batch_size: int = 64) -> float:
+    """Mean KL(FP || quantized) in nats on ``images`` (``fp_logits``: the FP model's logits on them),
+    the quantized model in eval mode."""
     was_training = qmodel.module.training
     qmodel.module.eval()
     try:
-        return output_kl(_batched(fp_model.eval(), images, batch_size), _batched(qmodel.module, images, batch_size))
+        return output_kl(fp_logits, batched_logits(qmodel.module, images, batch_size))
     finally:
         qmodel.module.train(was_training)
 
@@ -133,7 +134,7 @@ def calibrate(qmodel: QuantizedModel, images: torch.Tensor, *, holdout: torch.Te
         q.observer = observers[name] = RangeObserver(seed=seed + i)
     qmodel.set_enabled(weights=False, activations=False)
     try:
-        _batched(qmodel.module, images, batch_size)
+        batched_logits(qmodel.module, images, batch_size)
     finally:
         for q in quantizers.values():
             q.observer = None
@@ -148,11 +149,11 @@ def calibrate(qmodel: QuantizedModel, images: torch.Tensor, *, holdout: torch.Te
     methods = METHODS if config.calibration == "auto" else (config.calibration,)
     if config.calibration == "auto":
         qmodel.set_enabled(weights=False, activations=False)
-        fp = _batched(qmodel.module, holdout, batch_size)
+        fp = batched_logits(qmodel.module, holdout, batch_size)
         qmodel.set_enabled(True, True)
         for m in methods:
             apply(m)
-            scores[m] = output_kl(fp, _batched(qmodel.module, holdout, batch_size))
+            scores[m] = output_kl(fp, batched_logits(qmodel.module, holdout, batch_size))
         best = min(scores, key=scores.get)
     else:
         best = config.calibration

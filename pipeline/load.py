@@ -241,7 +241,7 @@ def _check_match(model: nn.Module, state_dict: dict[str, torch.Tensor], spec: Mo
         return
     bn_keys = {f"{name}.{b}" for name, m in model.named_modules()
                if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in ("running_mean", "running_var")}
-    if bn_keys and bn_keys <= set(missing) and not (bn_keys & set(state_dict)):
+    if bn_keys and bn_keys <= set(missing):
         raise UnsupportedModelError(
             f"{path} holds no BatchNorm statistics for '{spec.name}' ({len(bn_keys) // 2} BatchNorm layers, none "
             f"in the file; e.g. {_shorten(sorted(bn_keys))}): the checkpoint was saved with BatchNorm already "
