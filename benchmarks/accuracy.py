@@ -64,7 +64,9 @@ def main(argv=None) -> int:
         "bits": rep["quant"]["name"], "target": args.target, "budget": args.budget, "seed": args.seed,
         "top1_fp": f["top1_fp"], "top1_int": f["top1_int"], "top1_fakequant": f["top1_fakequant"],
         "drop_points": f["top1_drop_points"], "agreement": f["agreement"],
-        "agreement_with_fp": f["agreement_with_fp"], "agreement_exact": f.get("agreement_exact"), "images": f["images"],
+        "agreement_with_fp": f["agreement_with_fp"], "agreement_exact": f.get("agreement_exact"),
+        "agreement_float_fakequant": f.get("agreement_float_fakequant"), "reference": f.get("reference"),
+        "images": f["images"],
         "steps": (rep.get("finetune", {}).get("result") or {}).get("steps", 0),
         "batch": (rep.get("finetune", {}).get("config") or {}).get("batch"),
         "finetune_s": rep.get("finetune", {}).get("seconds"),
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
     records = merge_records(Path(args.out), [rec], key=("model", "dataset", "method", "bits", "target", "budget", "steps", "options"))
     write_markdown(Path(args.out).with_suffix(".md"), records,
                    ["model", "dataset", "method", "bits", "target", "budget", "steps", "options", "top1_fp", "top1_int",
-                    "drop_points", "agreement", "agreement_exact", "wall_s", "commit"],
+                    "drop_points", "agreement", "agreement_float_fakequant", "wall_s", "commit"],
                    "Accuracy of exported artifacts (ONNX Runtime, CPU) vs FP32 on the same images")
     return proc.returncode
 

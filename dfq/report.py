@@ -103,7 +103,9 @@ def to_markdown(r: dict) -> str:
     lines.append("| check | value |")
     lines.append("| --- | --- |")
     lines.append(f"| images ({f['data']}) | {f['images']} |")
-    lines.append(f"| agreement exported ONNX vs fake-quant (top-1) | {_pct(f['agreement'])} |")
+    lines.append(f"| agreement exported ONNX vs {f.get('reference', 'fake-quant model')} (top-1) | {_pct(f['agreement'])} |")
+    if "agreement_float_fakequant" in f:
+        lines.append(f"| agreement exported ONNX vs fake-quant model (float) (top-1) | {_pct(f['agreement_float_fakequant'])} |")
     lines.append(f"| max / mean abs logit diff | {f['max_abs_logit_diff']:.4g} / {f['mean_abs_logit_diff']:.3g} |")
     lines.append(f"| agreement exported ONNX vs FP (top-1) | {_pct(f['agreement_with_fp'])} |")
     if "top1_fp" in f:

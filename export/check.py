@@ -60,7 +60,8 @@ class Tally:
 @torch.no_grad()
 def compare_on_batches(fp_model: torch.nn.Module, fq_model: torch.nn.Module, session,
                        batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]], *,
-                       progress=None, recheck_margin: float = 1.0, extra_sessions: dict | None = None) -> dict:
+                       progress=None, recheck_margin: float = 1.0, extra_sessions: dict | None = None,
+                       reference=None) -> dict:
     """Run the FP model, the fake-quant model and the exported ONNX (``session``) on the same
     batches; return agreement, logit differences and, when labels are given, top-1 of each.
     The torch models run in channels-last memory format (about 1.5x faster convs on the CPU);
@@ -72,8 +73,13 @@ def compare_on_batches(fp_model: torch.nn.Module, fq_model: torch.nn.Module, ses
     reference's top-2 margin is below ``recheck_margin``, are re-run in float64 (8x slower, so
     not for every image), whose result replaces the float32 one.
 
+    ``reference`` (images -> logits), when given, is what ``agreement``, the logit differences and
+    ``top1_reference`` compare the artifact with: the fake-quant model evaluated in the target
+    runtime's integer arithmetic (:class:`dfq.export.ort_reference.OrtIntegerReference`). The float
+    fake-quant model is then still run: ``agreement_float_fakequant`` and ``top1_fakequant``.
+
     ``extra_sessions`` (name -> session) run the same images; their top-1 agreement with the
-    reference is reported as ``agreement_<name>``."""
+    float fake-quant model is reported as ``agreement_<name>``."""
     fq64 = copy.deepcopy(fq_model).double()
     fp_model.to(memory_format=torch.channels_last)
     fq_model.to(memory_format=torch.channels_last)
@@ -82,6 +88,7 @@ def compare_on_batches(fp_model: torch.nn.Module, fq_model: torch.nn.Module, ses
     extra_sessions = extra_sessions or {}
     extra_agree = {k: 0 for k in extra_sessions}
     with_labels = False
+    float_agree = float_correct = 0
     input_name = session.get_inputs()[0].name
     for images, labels in batches:
         fast = images.contiguous(memory_format=torch.channels_last)
@@ -103,10 +110,23 @@ def compare_on_batches(fp_model: torch.nn.Module, fq_model: torch.nn.Module, ses
             extra_agree[k] += int((e.argmax(1) == fq.argmax(1)).sum())
         lab = None if labels is None else labels.numpy()
         with_labels = with_labels or lab is not None
-        tally.update(fp, fq, q, lab)
+        if reference is not None:
+            float_agree += int((q.argmax(1) == fq.argmax(1)).sum())
+            if lab is not None:
+                float_correct += int((fq.argmax(1) == lab).sum())
+            tally.update(fp, reference(images).float().numpy(), q, lab)
+        else:
+            tally.update(fp, fq, q, lab)
         if progress is not None:
             progress.update(len(images))
     out = tally.summary(with_labels)
+    out["reference"] = ("fake-quant model in the runtime's integer arithmetic" if reference is not None
+                        else "fake-quant model (float)")
+    if reference is not None:
+        out["agreement_float_fakequant"] = float_agree / max(1, tally.n)
+        if with_labels:
+            out["top1_reference"] = out["top1_fakequant"]
+            out["top1_fakequant"] = float_correct / max(1, tally.n)
     out["reference_rechecked_float64"] = rechecked
     for k, v in extra_agree.items():
         out[f"agreement_{k}"] = v / max(1, tally.n)

@@ -1,0 +1,94 @@
+"""The integer reference reproduces ONNX Runtime's fused kernels code for code."""
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from dfq.export.onnx_export import build_onnx
+from dfq.export.ort_reference import OrtIntegerReference
+from dfq.pipeline.calibrate import calibrate
+from dfq.pipeline.quantize import QuantConfig, quantize
+from tests.tiny import tiny_images, tiny_resnet
+
+
+def _optimized_ops(model: onnx.ModelProto, tmp_path) -> collections.Counter:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
+
+
+def _ort(model: onnx.ModelProto, x: torch.Tensor) -> np.ndarray:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return s.run(None, {"input": x.numpy()})[0]
+
+
+@pytest.mark.parametrize("bits,reduce_range", [(8, True), (8, False), (4, True)])
+def test_reference_equals_ort_fused_kernels(bits, reduce_range, tmp_path):
+    qm = quantize(tiny_resnet(3, width=16), QuantConfig(bits=bits, target="onnxruntime", reduce_range=reduce_range),
+                  tiny_images(2))
+    calibrate(qm, tiny_images(96, seed=4))
+    ex = build_onnx(qm)
+    ops = _optimized_ops(ex.qdq, tmp_path)
+    # the graph runs on the kernels the reference emulates
+    assert ops["QLinearConv"] == 5 and ops["QLinearAdd"] == 1 and ops["QLinearGlobalAveragePool"] == 1
+    ref = OrtIntegerReference(qm)
+    assert ref.float_nodes == []
+    x = tiny_images(400, seed=11)
+    out = _ort(ex.qdq, x)
+    expected = ref(x).numpy()
+    # same integer codes everywhere -> the logits differ only by the float64 vs ORT final Gemm
+    np.testing.assert_allclose(expected, out, rtol=0, atol=1e-4)
+    # the float fake-quant model does not achieve this: it rounds differently near ties
+    with torch.no_grad():
+        fq = qm(x).numpy()
+    assert np.abs(fq - out).max() > np.abs(expected - out).max()
+
+
+def test_reference_sees_a_wrong_artifact():
+    """A scale the artifact got wrong shows as a large difference (the reference reads the torch
+    model, not the ONNX)."""
+    qm = quantize(tiny_resnet(5, width=16), QuantConfig(bits=8, target="onnxruntime"), tiny_images(2))
+    calibrate(qm, tiny_images(96, seed=6))
+    ex = build_onnx(qm)
+    ref = OrtIntegerReference(qm)
+    x = tiny_images(100, seed=12)
+    good = np.abs(ref(x).numpy() - _ort(ex.qdq, x)).max()
+    bad_model = onnx.ModelProto()
+    bad_model.CopyFrom(ex.qdq)
+    for t in bad_model.graph.initializer:
+        if t.name.endswith(".q_scale") and "block" in t.name:
+            arr = onnx.numpy_helper.to_array(t) * np.float32(1.05)
+            t.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), t.name))
+            break
+    else:
+        raise AssertionError("no activation scale in the block")
+    bad = np.abs(ref(x).numpy() - _ort(bad_model, x)).max()
+    assert good < 1e-5 and bad > 1e-3
+
+
+def test_reference_needs_the_onnxruntime_target():
+    qm = quantize(tiny_resnet(0), QuantConfig(bits=8, target="tensorrt"), tiny_images(2))
+    with pytest.raises(ValueError, match="onnxruntime target"):
+        OrtIntegerReference(qm)
+
+
+def test_reference_on_resnet20(shared_dir):
+    """Real model: ResNet-20 W8A8, calibrated on noise (only the arithmetic is under test)."""
+    from dfq.pipeline.load import load_model
+
+    loaded = load_model(shared_dir / "models" / "cifar10" / "resnet20-12fca82f.th")
+    gen = torch.Generator().manual_seed(0)
+    qm = quantize(loaded.model, QuantConfig(bits=8, target="onnxruntime"), torch.randn(2, 3, 32, 32, generator=gen))
+    calibrate(qm, torch.randn(64, 3, 32, 32, generator=gen))
+    ex = build_onnx(qm)
+    x = torch.randn(200, 3, 32, 32, generator=gen)
+    ref = OrtIntegerReference(qm)
+    assert ref.float_nodes == []
+    np.testing.assert_allclose(ref(x).numpy(), _ort(ex.qdq, x), rtol=0, atol=1e-4)
