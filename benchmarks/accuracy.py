@@ -72,6 +72,7 @@ def main(argv=None) -> int:
         "finetune_s": rep.get("finetune", {}).get("seconds"),
         "heldout_kd": rep.get("finetune", {}).get("heldout_kd"),
         "calibration": rep["calibration"]["method"], "synthetic_images": rep["synthesis"]["num_images"],
+        "bias_correction": rep["calibration"].get("bias_correction"),
         "wall_s": wall, "exit_code": proc.returncode, "timings_s": rep["timings_s"],
         "latency": rep["latency"], "commit": rep["commit"],
         "command": " ".join(shlex.quote(c) for c in cmd).replace(str(root), "../shared").replace(str(out), "OUT.onnx"),

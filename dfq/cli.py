@@ -52,11 +52,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--residual-bits", type=int, choices=(4, 8),
                    help="bits of tensors only residual Adds read (conv outputs before an Add); every conv "
                         "still reads --bits-bit inputs (default: the same as --bits)")
+    p.add_argument("--keep-8bit", action="append", metavar="PATTERN", dest="keep_8bit",
+                   help="with --bits 4: also keep the conv/linear layers whose module name matches this glob at 8 "
+                        "bits (repeatable; added to the default first-conv/last-linear policy; 'none' drops that "
+                        "default)")
+    p.add_argument("--no-bias-correction", action="store_true",
+                   help="skip the empirical bias correction after calibration (on by default; it is kept only "
+                        "when it lowers the FP->quantized KL on held-out synthetic images)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--list-archs", action="store_true", help="print known architecture names and exit")
     return p
+
+
+def _layer_policy(patterns: list[str] | None) -> tuple[str, ...] | None:
+    """--keep-8bit values -> QuantConfig.keep_8bit (None: the default policy)."""
+    if not patterns:
+        return None
+    base = () if "none" in patterns else ("@first", "@last")
+    return base + tuple(p for p in patterns if p != "none")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                         val=args.val, val_limit=args.val_limit, budget=args.budget,
                         seed=args.seed, report=args.report,
                         reduce_range=False if args.full_range_weights else None, residual_bits=args.residual_bits,
+                        bias_correction=not args.no_bias_correction, keep_8bit=_layer_policy(args.keep_8bit),
                         force=args.force, threads=args.threads,
                         latency_batches=tuple(args.latency_batches or (1,)), progress=not args.no_progress,
                         synth_overrides=synth, finetune_overrides=tune)

@@ -44,6 +44,8 @@ class ExportJob:
     seed: int = 0
     reduce_range: bool | None = None      # None: QuantConfig's default for the target
     residual_bits: int | None = None      # None: QuantConfig's default (see QuantConfig.residual_bits)
+    bias_correction: bool = True          # see QuantConfig.bias_correction
+    keep_8bit: tuple[str, ...] | None = None   # None: QuantConfig's default layer policy (first conv, last linear)
     report: str | None = None
     force: bool = False
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -148,13 +150,31 @@ def _numerics(bits: int, target: str, reduce_range: bool) -> str:
     return text
 
 
+def _check_layer_patterns(patterns, model) -> None:
+    """Every ``--keep-8bit`` glob must name at least one conv/linear layer (a typo would otherwise
+    silently quantize the layer at the low bit width)."""
+    import fnmatch
+
+    from torch import nn
+
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for p in patterns:
+        if p in ("@first", "@last"):
+            continue
+        if not any(fnmatch.fnmatchcase(n, p) for n in names):
+            shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+            raise UsageError(f"--keep-8bit {p!r} matches no conv/linear layer of the model. Layer names look like: "
+                             f"{shown} (globs such as '*depthwise*' or 'layer3.*' work; @first and @last name the "
+                             "first conv and the last linear).")
+
+
 def run_export(job: ExportJob, *, log=print) -> dict:
     """Run the whole path; returns the report (also written as JSON and Markdown)."""
     from dfq.export.check import compare_on_batches, tensor_batches
     from dfq.export.onnx_export import atomic_write_bytes, export_onnx
     from dfq.export.ort_runtime import compare_latency, make_session
     from dfq.export.rules import tensorrt_violations
-    from dfq.pipeline.calibrate import calibrate
+    from dfq.pipeline.calibrate import bias_correct, calibrate
     from dfq.pipeline.load import has_batchnorm, load_model
     from dfq.pipeline.quantize import QuantConfig, quantize
     from dfq.pipeline.synthesize import SynthConfig, synthesize
@@ -176,6 +196,8 @@ def run_export(job: ExportJob, *, log=print) -> dict:
             f"{job.model} ({spec.name}) has no BatchNorm layers: data-free synthesis reads the "
             "BatchNorm running statistics, so this model cannot be quantized without data. dfq has "
             "no real-data calibration option yet.")
+    if job.keep_8bit:
+        _check_layer_patterns(job.keep_8bit, loaded.model)
     val_set = None
     if job.val:
         from dfq.pipeline.data import image_folder
@@ -221,13 +243,20 @@ def run_export(job: ExportJob, *, log=print) -> dict:
     t = time.perf_counter()
     holdout_n = max(8, len(images) // 4)
     calib, holdout = images[:-holdout_n], images[-holdout_n:]
+    policy = {} if job.keep_8bit is None else {"keep_8bit": tuple(job.keep_8bit)}
     qconfig = QuantConfig(bits=job.bits, target=job.target, reduce_range=job.reduce_range,
-                          residual_bits=job.residual_bits)
+                          residual_bits=job.residual_bits, bias_correction=job.bias_correction, **policy)
     qmodel = quantize(loaded.model, qconfig, calib[:2])
     calib_result = calibrate(qmodel, calib, holdout=holdout, seed=job.seed)
+    bias_result = None
+    if qconfig.bias_correction:
+        small = spec.input_size[1] * spec.input_size[2] <= 64 * 64
+        bias_result = bias_correct(qmodel, calib, holdout=holdout, max_images=256 if small else 64)
     timings["quantize"] = time.perf_counter() - t
     log(f"[dfq] {qconfig.name} for {job.target}: {len(qmodel.layer_bits)} layers, "
-        f"{calib_result.num_quantizers} activation quantizers, calibration '{calib_result.method}'")
+        f"{calib_result.num_quantizers} activation quantizers, calibration '{calib_result.method}'"
+        + ("" if bias_result is None else
+           f", bias correction {'applied' if bias_result.applied else 'not applied (did not lower the held-out KL)'}"))
 
     # fine-tune --------------------------------------------------------------------------------
     recipe = RECIPES[job.method]
@@ -242,7 +271,8 @@ def run_export(job: ExportJob, *, log=print) -> dict:
         fingerprint = checkpoint_fingerprint(
             model_sha256=loaded.source["sha256"], arch=spec.name, bits=job.bits, target=job.target,
             method=job.method, seed=job.seed, reduce_range=qconfig.reduce_range,
-            residual_bits=qconfig.residual_bits, synth=synth_cfg.to_dict(),
+            residual_bits=qconfig.residual_bits, bias_correction=qconfig.bias_correction,
+            keep_8bit=list(qconfig.keep_8bit), synth=synth_cfg.to_dict(),
             finetune=ft_cfg.to_dict(), processes=info.world)
         from dfq.pipeline.calibrate import batched_logits, heldout_kd
 
@@ -357,7 +387,8 @@ def run_export(job: ExportJob, *, log=print) -> dict:
                   "activation_quantizers": {n: {"bits": q.bits, "signed": q.signed, "scale": float(q.scale.detach()),
                                                 "grid": [q.grid.qmin, q.grid.qmax]}
                                             for n, q in sorted(qmodel.act_quantizers().items())}},
-        "calibration": calib_result.to_dict(),
+        "calibration": {**calib_result.to_dict(),
+                        "bias_correction": None if bias_result is None else bias_result.to_dict()},
         "finetune": finetune_report,
         "tensorrt_rule_violations": violations,
         "fidelity": fidelity,

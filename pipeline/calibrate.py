@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from dfq.kernels.fake_quant import Grid, mse_optimal_scale
-from dfq.pipeline.qmodules import ActQuantizer
+from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear
 from dfq.pipeline.quantize import QuantizedModel
 
 METHODS = ("minmax", "percentile", "mse")
@@ -160,3 +160,89 @@ def calibrate(qmodel: QuantizedModel, images: torch.Tensor, *, holdout: torch.Te
     apply(best)
     qmodel.set_enabled(True, True)
     return CalibrationResult(best, scores, len(images), len(quantizers))
+
+
+@dataclass
+class BiasCorrectionResult:
+    applied: bool                    # False when it raised the held-out KL and was undone
+    layers: int
+    num_images: int
+    max_abs_shift: float             # largest per-channel bias change, in output units
+    kl_before: float | None          # FP -> quantized KL on the held-out images
+    kl_after: float | None
+
+    def to_dict(self) -> dict:
+        return {"applied": self.applied, "layers": self.layers, "num_images": self.num_images,
+                "max_abs_shift": self.max_abs_shift, "kl_before": self.kl_before, "kl_after": self.kl_after}
+
+
+def _channel_mean(t: torch.Tensor) -> torch.Tensor:
+    return t.float().mean(dim=[0] + list(range(2, t.dim())))
+
+
+@torch.no_grad()
+def bias_correct(qmodel: QuantizedModel, images: torch.Tensor, *, holdout: torch.Tensor | None = None,
+                 max_images: int = 64) -> BiasCorrectionResult:
+    """Empirical bias correction (Nagel et al. 2019, "Data-Free Quantization", sec. 4.2, with
+    synthetic images in place of data): quantized weights and clipped activations shift the mean of
+    every layer's output; the shift is measured per output channel and subtracted from the bias.
+
+    One FP pass (quantizers off) records each conv/linear output's per-channel mean over
+    ``images[:max_images]``; one quantized pass then visits the layers in order, and each layer's
+    correction is applied before its output reaches the next layer, so later layers are corrected
+    for what the corrected earlier ones feed them. The shift goes into the folded bias (the BN
+    ``beta`` in Tune mode, else the conv/linear bias).
+
+    With ``holdout`` images, the FP->quantized KL is measured before and after, and the correction
+    is undone when it did not lower it (data-free: never real images)."""
+    images = images[:max_images]
+    layers = {n: m for n, m in qmodel.module.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
+    was_training = qmodel.module.training
+    qmodel.module.eval()
+    fp_holdout = kl_before = kl_after = None
+    if holdout is not None and len(holdout):
+        qmodel.set_enabled(False, False)
+        fp_holdout = batched_logits(qmodel.module, holdout, 64)
+        qmodel.set_enabled(True, True)
+        kl_before = output_kl(fp_holdout, batched_logits(qmodel.module, holdout, 64))
+    saved = {n: (m.bn_bias if getattr(m, "has_bn", False) else m.bias).detach().clone() for n, m in layers.items()}
+
+    fp_means: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda mod, inp, out, n=n: fp_means.__setitem__(n, _channel_mean(out)))
+               for n, m in layers.items()]
+    qmodel.set_enabled(False, False)
+    try:
+        qmodel.module(images)
+    finally:
+        qmodel.set_enabled(True, True)
+        for h in handles:
+            h.remove()
+
+    shifts: dict[str, float] = {}
+
+    def correct(mod, inp, out, n):
+        delta = fp_means[n].to(out.dtype) - _channel_mean(out).to(out.dtype)
+        if getattr(mod, "has_bn", False):
+            # folded bias = (b - mean) * g + beta: a shift of beta shifts the output one for one
+            mod.bn_bias.add_(delta)
+        else:
+            mod.bias.add_(delta)
+        shifts[n] = float(delta.abs().max())
+        return out + delta.reshape([1, -1] + [1] * (out.dim() - 2))
+
+    handles = [m.register_forward_hook(lambda mod, inp, out, n=n: correct(mod, inp, out, n)) for n, m in layers.items()]
+    try:
+        qmodel.module(images)
+    finally:
+        for h in handles:
+            h.remove()
+    applied = True
+    if fp_holdout is not None:
+        kl_after = output_kl(fp_holdout, batched_logits(qmodel.module, holdout, 64))
+        if not kl_after < kl_before:
+            applied = False
+            for n, m in layers.items():
+                (m.bn_bias if getattr(m, "has_bn", False) else m.bias).copy_(saved[n])
+    qmodel.module.train(was_training)
+    return BiasCorrectionResult(applied, len(layers), len(images), max(shifts.values(), default=0.0),
+                                kl_before, kl_after)

@@ -73,7 +73,12 @@ def test_end_to_end_export_writes_verified_artifacts(tmp_path, target):
     saved = json.loads((tmp_path / "r20.report.json").read_text())
     assert saved["model"]["arch"] == "resnet20" and saved["model"]["source"]["prefix_stripped"] == "module."
     assert saved["quant"]["layer_bits"]["conv1"] == 8
+    bc = saved["calibration"]["bias_correction"]
+    assert bc["layers"] == 20 and bc["applied"] == (bc["kl_after"] < bc["kl_before"])
     assert report["fidelity"]["agreement"] >= 0.99
+    if target == "onnxruntime":   # measured against ORT's integer arithmetic; the float model kept beside
+        assert report["fidelity"]["reference_float_nodes"] == []
+        assert 0.9 <= report["fidelity"]["agreement_float_fakequant"] <= 1.0
     assert saved["tensorrt_rule_violations"] == []
     assert saved["latency"][0]["speedup"] > 0
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
@@ -186,3 +191,24 @@ def test_finetuning_that_worsens_the_heldout_kl_is_not_exported(tmp_path, monkey
     (tmp_path / "b").mkdir()
     run_export(_job(tmp_path, "b/r20.onnx", method="acq", bits=4, finetune_overrides=ft), log=lambda m: None)
     assert (tmp_path / "a/r20.onnx").read_bytes() == (tmp_path / "b/r20.onnx").read_bytes()
+
+
+def test_keep_8bit_patterns(tmp_path, capsys):
+    from dfq.cli import _layer_policy
+    from dfq.job import run_export
+
+    assert _layer_policy(None) is None
+    assert _layer_policy(["layer1.*"]) == ("@first", "@last", "layer1.*")
+    assert _layer_policy(["none", "layer1.*"]) == ("layer1.*",)
+    ckpt = _tiny_resnet20_checkpoint(tmp_path)
+    # a pattern that names no layer is a usage error before any work, and nothing is written
+    code = main([str(ckpt), "--bits", "4", "--keep-8bit", "layer9.*", "--out", str(tmp_path / "x.onnx"),
+                 "--method", "bns", "--no-progress"])
+    assert code == UsageError.exit_code
+    assert "--keep-8bit 'layer9.*' matches no conv/linear layer" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
+    report = run_export(_job(tmp_path, "w4.onnx", bits=4, keep_8bit=("@first", "@last", "layer3.2.*")),
+                        log=lambda m: None)
+    bits = report["quant"]["layer_bits"]
+    assert bits["layer3.2.conv1"] == bits["layer3.2.conv2"] == bits["conv1"] == bits["linear"] == 8
+    assert bits["layer3.1.conv2"] == 4

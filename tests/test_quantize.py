@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from dfq.errors import UnsupportedModelError
-from dfq.pipeline.calibrate import calibrate
+from dfq.pipeline.calibrate import bias_correct, calibrate
 from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear, fold_bn_into_conv
 from dfq.pipeline.quantize import QuantConfig, quantize
 from tests.tiny import randomize_bn, tiny_images, tiny_resnet
@@ -144,3 +144,48 @@ def test_near_dead_channel_keeps_its_int32_bias():
         qm(x)
     handle.remove()
     torch.testing.assert_close(seen[0][:, 2], torch.full_like(seen[0][:, 2], 1.5), atol=1e-3, rtol=0)
+
+
+def _layer_means(qm, images):
+    means = {}
+    layers = {n: m for n, m in qm.module.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
+    hs = [m.register_forward_hook(lambda mod, i, o, n=n: means.__setitem__(n, o.mean(dim=[0] + list(range(2, o.dim())))))
+          for n, m in layers.items()]
+    with torch.no_grad():
+        qm.module(images)
+    for h in hs:
+        h.remove()
+    return means
+
+
+def test_bias_correction_restores_every_layers_mean():
+    """After the correction, the quantized model's per-channel layer outputs have the FP model's
+    means on the correction images (float biases: exactly up to float error)."""
+    qm = quantize(tiny_resnet(2), QuantConfig(bits=4, target="tensorrt"), tiny_images(2))
+    calibrate(qm, tiny_images(64))
+    images = tiny_images(48, seed=7)
+    qm.set_enabled(False, False)
+    fp = _layer_means(qm, images)
+    qm.set_enabled(True, True)
+    before = _layer_means(qm, images)
+    res = bias_correct(qm, images)
+    after = _layer_means(qm, images)
+    assert res.applied and res.layers == len(fp) and res.num_images == 48 and res.kl_before is None
+    gap_before = max(float((before[n] - fp[n]).abs().max()) for n in fp)
+    gap_after = max(float((after[n] - fp[n]).abs().max()) for n in fp)
+    assert gap_before > 0.01 and gap_after < 1e-4
+    assert res.max_abs_shift > 0.01
+
+
+def test_bias_correction_is_undone_when_the_heldout_kl_rises(monkeypatch):
+    import dfq.pipeline.calibrate as cal
+
+    qm = quantize(tiny_resnet(2), QuantConfig(bits=4), tiny_images(2))
+    calibrate(qm, tiny_images(64))
+    state = {k: v.clone() for k, v in qm.module.state_dict().items()}
+    kls = iter([1.0, 2.0])
+    monkeypatch.setattr(cal, "output_kl", lambda fp, q: next(kls))
+    res = cal.bias_correct(qm, tiny_images(32, seed=3), holdout=tiny_images(8, seed=4))
+    assert not res.applied and (res.kl_before, res.kl_after) == (1.0, 2.0)
+    for k, v in qm.module.state_dict().items():
+        assert torch.equal(v, state[k]), k
