@@ -132,7 +132,9 @@ class OrtIntegerReference(fx.Interpreter):
     """Callable: ``reference(images) -> logits`` of ``qmodel`` in ORT's integer arithmetic.
 
     ``qmodel`` must be built for the onnxruntime target (int32 biases, quantized conv and Add
-    outputs). The model is not modified; the reference reads its current parameters on every call.
+    outputs). The model is not modified; the reference reads its current parameters on every call,
+    but which nodes fuse (a ReLU6 bound that cannot bind on its output grid) is decided from the
+    scales at construction: build it after calibration and fine-tuning.
     """
 
     def __init__(self, qmodel: QuantizedModel) -> None:

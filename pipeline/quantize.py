@@ -57,8 +57,9 @@ class QuantConfig:
     # conv/Add outputs that only feed Adds): None = ``bits``. Every layer still computes on
     # ``bits``-bit inputs; this is the precision of the residual branch before the Add.
     residual_bits: int | None = None
-    # Empirical bias correction after calibration (dfq.pipeline.calibrate.bias_correct), kept only
-    # when it lowers the FP->quantized KL on held-out synthetic images.
+    # Empirical bias correction of the model that is exported, after calibration and fine-tuning
+    # (dfq.pipeline.calibrate.bias_correct), kept only when it lowers the FP->quantized KL on
+    # held-out synthetic images.
     bias_correction: bool = True
 
     def __post_init__(self) -> None:
