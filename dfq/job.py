@@ -309,7 +309,11 @@ def run_export(job: ExportJob, *, log=print) -> dict:
     if qconfig.bias_correction:
         t = time.perf_counter()
         small = spec.input_size[1] * spec.input_size[2] <= 64 * 64
-        bias_result = bias_correct(qmodel, calib, holdout=holdout, max_images=256 if small else 64)
+        # after fine-tuning, the quantizers-off model is no longer the FP model: the FP side of the
+        # correction runs on the weights from before fine-tuning
+        fp_state = calibrated_state if finetune_report.get("exported") == "fine-tuned" else None
+        bias_result = bias_correct(qmodel, calib, holdout=holdout, fp_state=fp_state,
+                                   max_images=256 if small else 64)
         timings["bias_correction"] = time.perf_counter() - t
         log("[dfq] bias correction " + ("applied" if bias_result.applied else "not applied (it did not lower the held-out KL)")
             + f": FP->quantized KL on {len(holdout)} held-out synthetic images {bias_result.kl_before:.4f} -> "

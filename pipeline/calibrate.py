@@ -182,7 +182,7 @@ def _channel_mean(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def bias_correct(qmodel: QuantizedModel, images: torch.Tensor, *, holdout: torch.Tensor | None = None,
-                 max_images: int = 64) -> BiasCorrectionResult:
+                 fp_state: dict | None = None, max_images: int = 64) -> BiasCorrectionResult:
     """Empirical bias correction (Nagel et al. 2019, "Data-Free Quantization", sec. 4.2, with
     synthetic images in place of data): quantized weights and clipped activations shift the mean of
     every layer's output; the shift is measured per output channel and subtracted from the bias.
@@ -193,30 +193,40 @@ def bias_correct(qmodel: QuantizedModel, images: torch.Tensor, *, holdout: torch
     for what the corrected earlier ones feed them. The shift goes into the folded bias (the BN
     ``beta`` in Tune mode, else the conv/linear bias).
 
+    The FP side is the model with its quantizers off, which is the FP model only while its weights
+    are the FP weights. After fine-tuning they are not: pass ``fp_state``, the model's state dict
+    from before fine-tuning, and the FP passes run on it.
+
     With ``holdout`` images, the FP->quantized KL is measured before and after, and the correction
     is undone when it did not lower it (data-free: never real images)."""
     images = images[:max_images]
     layers = {n: m for n, m in qmodel.module.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
     was_training = qmodel.module.training
     qmodel.module.eval()
-    fp_holdout = kl_before = kl_after = None
-    if holdout is not None and len(holdout):
-        qmodel.set_enabled(False, False)
-        fp_holdout = batched_logits(qmodel.module, holdout, 64)
-        qmodel.set_enabled(True, True)
-        kl_before = output_kl(fp_holdout, batched_logits(qmodel.module, holdout, 64))
-    saved = {n: (m.bn_bias if getattr(m, "has_bn", False) else m.bias).detach().clone() for n, m in layers.items()}
-
+    current = None
+    if fp_state is not None:
+        current = {k: v.detach().clone() for k, v in qmodel.module.state_dict().items()}
+        qmodel.module.load_state_dict(fp_state)
     fp_means: dict[str, torch.Tensor] = {}
     handles = [m.register_forward_hook(lambda mod, inp, out, n=n: fp_means.__setitem__(n, _channel_mean(out)))
                for n, m in layers.items()]
     qmodel.set_enabled(False, False)
+    fp_holdout = kl_before = kl_after = None
     try:
         qmodel.module(images)
+        for h in handles:
+            h.remove()
+        if holdout is not None and len(holdout):
+            fp_holdout = batched_logits(qmodel.module, holdout, 64)
     finally:
         qmodel.set_enabled(True, True)
         for h in handles:
             h.remove()
+        if current is not None:
+            qmodel.module.load_state_dict(current)
+    if fp_holdout is not None:
+        kl_before = output_kl(fp_holdout, batched_logits(qmodel.module, holdout, 64))
+    saved = {n: (m.bn_bias if getattr(m, "has_bn", False) else m.bias).detach().clone() for n, m in layers.items()}
 
     shifts: dict[str, float] = {}
 

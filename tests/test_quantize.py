@@ -189,3 +189,26 @@ def test_bias_correction_is_undone_when_the_heldout_kl_rises(monkeypatch):
     assert not res.applied and (res.kl_before, res.kl_after) == (1.0, 2.0)
     for k, v in qm.module.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+def test_bias_correction_after_finetuning_aims_at_the_fp_model():
+    """Once the weights moved (fine-tuning), the quantizers-off model is not the FP model any more;
+    with ``fp_state`` the correction targets the FP model's means, not the moved float weights'."""
+    qm = quantize(tiny_resnet(2), QuantConfig(bits=4, target="tensorrt"), tiny_images(2))
+    calibrate(qm, tiny_images(64))
+    fp_state = {k: v.clone() for k, v in qm.module.state_dict().items()}
+    images = tiny_images(48, seed=7)
+    qm.set_enabled(False, False)
+    fp = _layer_means(qm, images)
+    qm.set_enabled(True, True)
+    with torch.no_grad():   # "fine-tuning" moved the weights
+        for m in qm.module.modules():
+            if isinstance(m, QuantConv2d):
+                m.weight.mul_(1.2)
+    bias_correct(qm, images, fp_state=fp_state)
+    after = _layer_means(qm, images)
+    assert max(float((after[n] - fp[n]).abs().max()) for n in fp) < 1e-4
+    # the moved weights are kept, only biases changed
+    for name, m in qm.module.named_modules():
+        if isinstance(m, QuantConv2d):
+            assert torch.equal(m.weight, fp_state[f"{name}.weight"] * 1.2)
