@@ -130,6 +130,10 @@ class ExportJob:
                 raise OutputError(f"The output directory {parent} does not exist; create it or choose another --out.")
             if not os.access(parent, os.W_OK):
                 raise OutputError(f"The output directory {parent} is not writable; choose another --out.")
+        from dfq.export.onnx_export import remove_orphaned_temporaries
+
+        for p in self.outputs() + [self.checkpoint_path]:
+            remove_orphaned_temporaries(p)   # left by a killed earlier run of this command
 
     def to_dict(self) -> dict:
         d = asdict(self)

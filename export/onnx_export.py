@@ -1,6 +1,7 @@
 """``export_onnx``: write the QDQ ONNX artifact (and its FP twin for comparisons) atomically."""
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from dataclasses import dataclass
@@ -30,6 +31,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def remove_orphaned_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files :func:`atomic_write_bytes` leaves beside ``path`` when a run is
+    killed (SIGKILL, power loss) between creating and renaming them; returns what was removed."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    removed = []
+    for tmp in parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -212,3 +212,10 @@ def test_keep_8bit_patterns(tmp_path, capsys):
     bits = report["quant"]["layer_bits"]
     assert bits["layer3.2.conv1"] == bits["layer3.2.conv2"] == bits["conv1"] == bits["linear"] == 8
     assert bits["layer3.1.conv2"] == 4
+
+
+def test_orphaned_temporaries_of_a_killed_run_are_removed(tmp_path):
+    for name in (".x.onnx.abc123.tmp", ".x.finetune.ckpt.zz9.tmp", ".other.onnx.q1.tmp"):
+        (tmp_path / name).write_bytes(b"partial")
+    ExportJob(model="m.pth", out=str(tmp_path / "x.onnx")).check_outputs()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.onnx.q1.tmp"]
