@@ -2,13 +2,16 @@
 
 One verb per stage, each a plain function over a model and a config dataclass::
 
-    from dfq import load_model, synthesize, SynthConfig, quantize, QuantConfig, calibrate, export_onnx
+    from dfq import (load_model, synthesize, SynthConfig, quantize, QuantConfig, calibrate, bias_correct,
+                     export_onnx, OrtIntegerReference)
     loaded = load_model("resnet20.th")
     images, labels = synthesize(loaded.model, loaded.spec.input_size, loaded.spec.mean, loaded.spec.std,
                                 loaded.spec.num_classes, SynthConfig.for_budget("fast", loaded.spec.input_size))
     qmodel = quantize(loaded.model, QuantConfig(bits=8, target="onnxruntime"), images[:2])
     calibrate(qmodel, images)
+    bias_correct(qmodel, images)
     export_onnx(qmodel, "resnet20.onnx")
+    reference = OrtIntegerReference(qmodel)   # the same model in ONNX Runtime's integer arithmetic
 
 Names are imported lazily so ``import dfq`` stays cheap.
 """
@@ -28,6 +31,8 @@ _EXPORTS = {
     "QuantConfig": "dfq.pipeline.quantize",
     "PRESETS": "dfq.pipeline.quantize",
     "calibrate": "dfq.pipeline.calibrate",
+    "bias_correct": "dfq.pipeline.calibrate",
+    "OrtIntegerReference": "dfq.export.ort_reference",
     "export_onnx": "dfq.export.onnx_export",
     "build_engine": "dfq.export.tensorrt",
     "tensorrt_violations": "dfq.export.rules",
