@@ -313,10 +313,12 @@ def run_export(job: ExportJob, *, log=print) -> dict:
     if qconfig.bias_correction:
         t = time.perf_counter()
         small = spec.input_size[1] * spec.input_size[2] <= 64 * 64
-        # after fine-tuning, the quantizers-off model is no longer the FP model: the FP side of the
-        # correction runs on the weights from before fine-tuning
-        fp_state = calibrated_state if finetune_report.get("exported") == "fine-tuned" else None
-        bias_result = bias_correct(qmodel, calib, holdout=holdout, fp_state=fp_state,
+        # kept only if it brings the model closer to the FP model itself (after fine-tuning the
+        # quantizers-off model is not the FP model any more)
+        from dfq.pipeline.calibrate import batched_logits
+
+        fp_logits = batched_logits(loaded.model.eval(), holdout, 64)
+        bias_result = bias_correct(qmodel, calib, holdout=holdout, fp_logits=fp_logits,
                                    max_images=256 if small else 64)
         timings["bias_correction"] = time.perf_counter() - t
         log("[dfq] bias correction " + ("applied" if bias_result.applied else "not applied (it did not lower the held-out KL)")

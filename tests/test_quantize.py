@@ -191,24 +191,16 @@ def test_bias_correction_is_undone_when_the_heldout_kl_rises(monkeypatch):
         assert torch.equal(v, state[k]), k
 
 
-def test_bias_correction_after_finetuning_aims_at_the_fp_model():
-    """Once the weights moved (fine-tuning), the quantizers-off model is not the FP model any more;
-    with ``fp_state`` the correction targets the FP model's means, not the moved float weights'."""
-    qm = quantize(tiny_resnet(2), QuantConfig(bits=4, target="tensorrt"), tiny_images(2))
+def test_bias_correction_is_judged_against_the_given_fp_logits(monkeypatch):
+    """After fine-tuning the quantizers-off model is not the FP model: the KL that decides uses
+    the FP logits passed in."""
+    import dfq.pipeline.calibrate as cal
+
+    qm = quantize(tiny_resnet(2), QuantConfig(bits=4), tiny_images(2))
     calibrate(qm, tiny_images(64))
-    fp_state = {k: v.clone() for k, v in qm.module.state_dict().items()}
-    images = tiny_images(48, seed=7)
-    qm.set_enabled(False, False)
-    fp = _layer_means(qm, images)
-    qm.set_enabled(True, True)
-    with torch.no_grad():   # "fine-tuning" moved the weights
-        for m in qm.module.modules():
-            if isinstance(m, QuantConv2d):
-                m.weight.mul_(1.2)
-    bias_correct(qm, images, fp_state=fp_state)
-    after = _layer_means(qm, images)
-    assert max(float((after[n] - fp[n]).abs().max()) for n in fp) < 1e-4
-    # the moved weights are kept, only biases changed
-    for name, m in qm.module.named_modules():
-        if isinstance(m, QuantConv2d):
-            assert torch.equal(m.weight, fp_state[f"{name}.weight"] * 1.2)
+    holdout = tiny_images(8, seed=4)
+    marker = torch.full((8, 10), 7.0)
+    seen = []
+    monkeypatch.setattr(cal, "output_kl", lambda fp, q: seen.append(fp) or float(len(seen)))
+    res = cal.bias_correct(qm, tiny_images(32, seed=3), holdout=holdout, fp_logits=marker)
+    assert len(seen) == 2 and all(t is marker for t in seen) and not res.applied
