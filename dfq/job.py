@@ -256,8 +256,16 @@ def run_export(job: ExportJob, *, log=print) -> dict:
     log(f"[dfq] {qconfig.name} for {job.target}: {len(qmodel.layer_bits)} layers, "
         f"{calib_result.num_quantizers} activation quantizers, calibration '{calib_result.method}'")
 
-    # fine-tune --------------------------------------------------------------------------------
+    # the FP model's logits on the held-out synthetic images: what the data-free choices after
+    # fine-tuning and after bias correction compare with
     recipe = RECIPES[job.method]
+    fp_holdout = None
+    if recipe.trains or qconfig.bias_correction:
+        from dfq.pipeline.calibrate import batched_logits
+
+        fp_holdout = batched_logits(loaded.model.eval(), holdout, 64)
+
+    # fine-tune --------------------------------------------------------------------------------
     finetune_report = {"recipe": recipe.to_dict(), "ran": False}
     if recipe.trains:
         from dfq.pipeline.finetune import FinetuneConfig, checkpoint_fingerprint, finetune
@@ -271,9 +279,8 @@ def run_export(job: ExportJob, *, log=print) -> dict:
             method=job.method, seed=job.seed, reduce_range=qconfig.reduce_range,
             residual_bits=qconfig.residual_bits, keep_8bit=list(qconfig.keep_8bit), synth=synth_cfg.to_dict(),
             finetune=ft_cfg.to_dict(), processes=info.world)
-        from dfq.pipeline.calibrate import batched_logits, heldout_kd
+        from dfq.pipeline.calibrate import heldout_kd
 
-        fp_holdout = batched_logits(loaded.model.eval(), holdout, 64)
         kd_before = heldout_kd(qmodel, holdout, fp_holdout)
         calibrated_state = {k: v.detach().clone() for k, v in qmodel.module.state_dict().items()}
         log(f"[dfq] fine-tuning ({recipe.name}: {recipe.summary}) for {ft_cfg.steps} steps of batch {ft_cfg.batch}; "
@@ -315,10 +322,7 @@ def run_export(job: ExportJob, *, log=print) -> dict:
         small = spec.input_size[1] * spec.input_size[2] <= 64 * 64
         # kept only if it brings the model closer to the FP model itself (after fine-tuning the
         # quantizers-off model is not the FP model any more)
-        from dfq.pipeline.calibrate import batched_logits
-
-        fp_logits = batched_logits(loaded.model.eval(), holdout, 64)
-        bias_result = bias_correct(qmodel, calib, holdout=holdout, fp_logits=fp_logits,
+        bias_result = bias_correct(qmodel, calib, holdout=holdout, fp_logits=fp_holdout,
                                    max_images=256 if small else 64)
         timings["bias_correction"] = time.perf_counter() - t
         log("[dfq] bias correction " + ("applied" if bias_result.applied else "not applied (it did not lower the held-out KL)")

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from dfq.kernels.fake_quant import Grid
+from dfq.kernels.fake_quant import Grid, quantize_to_int
 from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear
 from dfq.pipeline.quantize import (
     QuantizedModel,
@@ -60,7 +60,7 @@ class _Plan:
         self.identity: set[fx.Node] = set()               # activations and quantizers made redundant
         self.float_nodes: list[str] = []
         for node in self.gm.graph.nodes:
-            m = self._mod(node)
+            m = self.module_of(node)
             if isinstance(m, QuantConv2d):
                 ok = m.bias_mode == "int32" and input_quantizer_of(self.gm, node) is not None
                 self._fuse(node, ok)
@@ -72,23 +72,22 @@ class _Plan:
             elif isinstance(m, QuantLinear):
                 pass   # float64, see the module docstring
 
-    def _mod(self, node: fx.Node):
+    def module_of(self, node: fx.Node):
         return self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
 
-    def quantizer(self, node: fx.Node) -> ActQuantizer:
-        return self._mod(node)
+    quantizer = module_of   # of an ActQuantizer node
 
     def _quantizer_behind(self, node) -> fx.Node | None:
         if not isinstance(node, fx.Node):
             return None
         src = source_of(self.gm, node)
-        return src if isinstance(self._mod(src), ActQuantizer) else None
+        return src if isinstance(self.module_of(src), ActQuantizer) else None
 
     def _is_global(self, node: fx.Node) -> bool:
         inp, out = node.args[0].meta.get("tensor_meta"), node.meta.get("tensor_meta")
         if inp is None or out is None or len(out.shape) != 4 or tuple(out.shape[2:]) != (1, 1):
             return False
-        m = self._mod(node)
+        m = self.module_of(node)
         if m is not None and isinstance(m, torch.nn.AvgPool2d):
             return m.padding in (0, (0, 0))
         if node.op == "call_function" and node.target is F.avg_pool2d:
@@ -105,7 +104,7 @@ class _Plan:
             if len(users) != 1:
                 break
             nxt = users[0]
-            m = self._mod(nxt)
+            m = self.module_of(nxt)
             if isinstance(m, ActQuantizer):
                 if all(self._bound_is_free(c, m) for c in chain):
                     self.out_quantizer[node] = nxt
@@ -172,7 +171,7 @@ class OrtIntegerReference(fx.Interpreter):
             return self.env[n.args[0]]
         if n in self.plan.out_quantizer:
             q = self.plan.quantizer(self.plan.out_quantizer[n])
-            m = self.plan._mod(n)
+            m = self.plan.module_of(n)
             if isinstance(m, QuantConv2d):
                 z = self._conv(n, m, q)
             elif is_add(n):
@@ -183,7 +182,7 @@ class OrtIntegerReference(fx.Interpreter):
             codes = z.round_().clamp_(q.grid.qmin, q.grid.qmax)
             self.codes[n] = codes
             return codes * self._scale(q)
-        m = self.plan._mod(n)
+        m = self.plan.module_of(n)
         if isinstance(m, QuantLinear) and input_quantizer_of(self.module, n) is not None:
             return self._linear(n, m)
         return super().run_node(n)
@@ -208,7 +207,7 @@ class OrtIntegerReference(fx.Interpreter):
         wq_mod = m.weight_quantizer
         s_w = wq_mod.scale.detach().float().clamp(min=1e-12)
         shape = [-1] + [1] * (w.dim() - 1)
-        wq = torch.clamp(torch.round(w / s_w.reshape(shape)), wq_mod.grid.qmin, wq_mod.grid.qmax)
+        wq = quantize_to_int(w, s_w.reshape(shape), wq_mod.grid)
         step = s_x * s_w
         bq = torch.clamp(torch.round(b / step), -(2 ** 31), 2 ** 31 - 1).reshape(1, -1, 1, 1)
         top, left, bottom, right = m.pads
@@ -263,11 +262,7 @@ class OrtIntegerReference(fx.Interpreter):
     def _linear(self, n: fx.Node, m: QuantLinear) -> torch.Tensor:
         xq, s_x, _ = self._input_codes(n.args[0])
         s_w = m.weight_quantizer.scale.detach().float().clamp(min=1e-12)
-        grid = m.weight_quantizer.grid
-        wq = torch.clamp(torch.round(m.weight.detach().float() / s_w.reshape(-1, 1)), grid.qmin, grid.qmax)
-        b = m.bias.detach().float()
-        if m.bias_mode == "int32":
-            step = s_x * s_w
-            b = torch.clamp(torch.round(b / step), -(2 ** 31), 2 ** 31 - 1) * step
+        wq = quantize_to_int(m.weight.detach().float(), s_w.reshape(-1, 1), m.weight_quantizer.grid)
+        b = m.quantized_bias(m.bias.detach().float(), s_x)   # on the int32 grid s_x * s_w, as QGemm
         acc = xq.double() @ wq.double().t()
         return acc * (s_x.double() * s_w.double()) + b.double()

@@ -210,17 +210,17 @@ def bias_correct(qmodel: QuantizedModel, images: torch.Tensor, *, holdout: torch
     handles = [m.register_forward_hook(lambda mod, inp, out, n=n: fp_means.__setitem__(n, _channel_mean(out)))
                for n, m in layers.items()]
     qmodel.set_enabled(False, False)
-    fp_holdout = kl_before = kl_after = None
     try:
         qmodel.module(images)
+    finally:
         for h in handles:
             h.remove()
+    fp_holdout = kl_before = kl_after = None
+    try:
         if holdout is not None and len(holdout):
             fp_holdout = fp_logits if fp_logits is not None else batched_logits(qmodel.module, holdout, 64)
     finally:
         qmodel.set_enabled(True, True)
-        for h in handles:
-            h.remove()
     if fp_holdout is not None:
         kl_before = output_kl(fp_holdout, batched_logits(qmodel.module, holdout, 64))
     saved = {n: (m.bn_bias if getattr(m, "has_bn", False) else m.bias).detach().clone() for n, m in layers.items()}
