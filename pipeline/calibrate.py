@@ -223,17 +223,16 @@ def bias_correct(qmodel: QuantizedModel, images: torch.Tensor, *, holdout: torch
         qmodel.set_enabled(True, True)
     if fp_holdout is not None:
         kl_before = output_kl(fp_holdout, batched_logits(qmodel.module, holdout, 64))
-    saved = {n: (m.bn_bias if getattr(m, "has_bn", False) else m.bias).detach().clone() for n, m in layers.items()}
+    # folded bias = (b - mean) * g + beta: a shift of beta (or of a BN-less layer's bias) shifts the
+    # output one for one
+    biases = {n: m.bn_bias if getattr(m, "has_bn", False) else m.bias for n, m in layers.items()}
+    saved = {n: b.detach().clone() for n, b in biases.items()}
 
     shifts: dict[str, float] = {}
 
     def correct(mod, inp, out, n):
         delta = fp_means[n].to(out.dtype) - _channel_mean(out).to(out.dtype)
-        if getattr(mod, "has_bn", False):
-            # folded bias = (b - mean) * g + beta: a shift of beta shifts the output one for one
-            mod.bn_bias.add_(delta)
-        else:
-            mod.bias.add_(delta)
+        biases[n].add_(delta)
         shifts[n] = float(delta.abs().max())
         return out + delta.reshape([1, -1] + [1] * (out.dim() - 2))
 
@@ -248,8 +247,8 @@ def bias_correct(qmodel: QuantizedModel, images: torch.Tensor, *, holdout: torch
         kl_after = output_kl(fp_holdout, batched_logits(qmodel.module, holdout, 64))
         if not kl_after < kl_before:
             applied = False
-            for n, m in layers.items():
-                (m.bn_bias if getattr(m, "has_bn", False) else m.bias).copy_(saved[n])
+            for n, b in biases.items():
+                b.copy_(saved[n])
     qmodel.module.train(was_training)
     return BiasCorrectionResult(applied, len(layers), len(images), max(shifts.values(), default=0.0),
                                 kl_before, kl_after)
