@@ -333,6 +333,9 @@ def run_export(job: ExportJob, *, log=print) -> dict:
     t = time.perf_counter()
     exported = export_onnx(qmodel, job.onnx_path, fp_path=job.fp_onnx_path)
     timings["export"] = time.perf_counter() - t
+    for rewrite, nodes in exported.rewrites.items():
+        log(f"[dfq] exact graph rewrite {rewrite}: {', '.join(nodes)} (ONNX Runtime's fused kernels run it faster; "
+            "same integer results)")
     violations = tensorrt_violations(exported.qdq) if job.target == "tensorrt" else []
 
     # check ------------------------------------------------------------------------------------
@@ -410,6 +413,7 @@ def run_export(job: ExportJob, *, log=print) -> dict:
         "calibration": {**calib_result.to_dict(),
                         "bias_correction": None if bias_result is None else bias_result.to_dict()},
         "finetune": finetune_report,
+        "graph_rewrites": exported.rewrites,
         "tensorrt_rule_violations": violations,
         "fidelity": fidelity,
         "latency": latency,

@@ -4,12 +4,13 @@ from __future__ import annotations
 import glob
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 
 from dfq.export.onnx_graph import EmittedGraph, emit_fp_graph
+from dfq.export.ort_rewrites import space_to_depth_stem
 from dfq.export.qdq import insert_qdq
 from dfq.pipeline.quantize import QuantizedModel
 
@@ -62,6 +63,7 @@ class ExportedOnnx:
     qdq: onnx.ModelProto     # the deployable artifact
     fp: onnx.ModelProto      # the same graph without Q/DQ (FP32 baseline for latency/accuracy)
     emitted: EmittedGraph
+    rewrites: dict[str, list[str]] = field(default_factory=dict)   # exact rewrites applied: name -> nodes
 
 
 def build_onnx(qmodel: QuantizedModel, *, run_simplifier: bool = True) -> ExportedOnnx:
@@ -71,9 +73,15 @@ def build_onnx(qmodel: QuantizedModel, *, run_simplifier: bool = True) -> Export
     fp = emitted.model
     if run_simplifier:
         fp, qdq = simplify(fp), simplify(qdq)
+    rewrites = {}
+    if qmodel.config.target == "onnxruntime":
+        # exact and ORT-only (TensorRT gets the plain graph); on the simplified graph, as the last change
+        qdq, stems = space_to_depth_stem(qdq)
+        if stems:
+            rewrites["space_to_depth_stem"] = stems
     onnx.checker.check_model(fp, full_check=True)
     onnx.checker.check_model(qdq, full_check=True)
-    return ExportedOnnx(qdq, fp, emitted)
+    return ExportedOnnx(qdq, fp, emitted, rewrites)
 
 
 def export_onnx(qmodel: QuantizedModel, path: str | os.PathLike, *, fp_path: str | os.PathLike | None = None,
