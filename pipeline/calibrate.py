@@ -122,12 +122,16 @@ def calibrate(qmodel: QuantizedModel, images: torch.Tensor, *, holdout: torch.Te
     """Set every activation scale of ``qmodel`` from ``images`` (synthetic, model input space).
 
     ``holdout`` images (default: the last quarter of ``images``, which then are not used for
-    ranges) score the rules when ``qmodel.config.calibration == "auto"``.
+    ranges; with fewer than 8 images, all of them) score the rules when
+    ``qmodel.config.calibration == "auto"``.
     """
     config = qmodel.config
-    if holdout is None and config.calibration == "auto" and len(images) >= 8:
-        cut = len(images) - max(4, len(images) // 4)
-        images, holdout = images[:cut], images[cut:]
+    if holdout is None and config.calibration == "auto":
+        if len(images) >= 8:
+            cut = len(images) - max(4, len(images) // 4)
+            images, holdout = images[:cut], images[cut:]
+        else:
+            holdout = images
     quantizers = qmodel.act_quantizers()
     observers = {}
     for i, (name, q) in enumerate(sorted(quantizers.items())):

@@ -87,6 +87,24 @@ def test_calibration_picks_measured_best_and_sets_positive_scales():
     assert float(q.scale.detach()) * q.grid.qmax <= 6.0 + 1e-6
 
 
+def test_calibration_with_fewer_than_eight_images_scores_on_them():
+    # the held-out quarter needs 8 images; with fewer the rules are scored on the same images
+    qm = quantize(tiny_resnet(), QuantConfig(bits=8), tiny_images(2))
+    res = calibrate(qm, tiny_images(4))
+    assert set(res.scores) == {"minmax", "percentile", "mse"} and res.num_images == 4
+
+
+def test_keep_8bit_patterns_one_matcher():
+    from dfq.pipeline.quantize import layer_matches, unmatched_patterns
+
+    names = ["stem", "block.conv1", "block.conv2", "fc"]
+    assert unmatched_patterns(["@first", "@last", "block.*", "blok.*", "*dw*"], names) == ["blok.*", "*dw*"]
+    assert layer_matches("stem", "@first", {"@first": "stem"}) and not layer_matches("fc", "@first", {"@first": "stem"})
+    assert not layer_matches("Block.conv1", "block.*", {})      # case-sensitive, as module names are
+    qm = quantize(tiny_resnet(), QuantConfig(bits=4, keep_8bit=("@first", "block.*")), tiny_images(2))
+    assert {n for n, b in qm.layer_bits.items() if b == 8} == {"stem", "block.conv1", "block.conv2"}
+
+
 def test_bits_validation():
     with pytest.raises(ValueError, match="--bits 3"):
         QuantConfig(bits=3)
