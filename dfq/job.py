@@ -157,19 +157,17 @@ def _numerics(bits: int, target: str, reduce_range: bool) -> str:
 def _check_layer_patterns(patterns, model) -> None:
     """Every ``--keep-8bit`` glob must name at least one conv/linear layer (a typo would otherwise
     silently quantize the layer at the low bit width)."""
-    import fnmatch
-
     from torch import nn
 
+    from dfq.pipeline.quantize import unmatched_patterns
+
     names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    for p in patterns:
-        if p in ("@first", "@last"):
-            continue
-        if not any(fnmatch.fnmatchcase(n, p) for n in names):
-            shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-            raise UsageError(f"--keep-8bit {p!r} matches no conv/linear layer of the model. Layer names look like: "
-                             f"{shown} (globs such as '*depthwise*' or 'layer3.*' work; @first and @last name the "
-                             "first conv and the last linear).")
+    missing = unmatched_patterns(patterns, names)
+    if missing:
+        shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+        raise UsageError(f"--keep-8bit {missing[0]!r} matches no conv/linear layer of the model. Layer names look like: "
+                         f"{shown} (globs such as '*depthwise*' or 'layer3.*' work; @first and @last name the "
+                         "first conv and the last linear).")
 
 
 def run_export(job: ExportJob, *, log=print) -> dict:
@@ -180,6 +178,7 @@ def run_export(job: ExportJob, *, log=print) -> dict:
     from dfq.export.rules import tensorrt_violations
     from dfq.pipeline.calibrate import bias_correct, calibrate
     from dfq.pipeline.load import has_batchnorm, load_model
+    from dfq.pipeline.models import is_small_input
     from dfq.pipeline.quantize import QuantConfig, quantize
     from dfq.pipeline.synthesize import SynthConfig, synthesize
     from dfq.report import command_line, git_commit, machine_info, to_json, to_markdown
@@ -319,7 +318,7 @@ def run_export(job: ExportJob, *, log=print) -> dict:
     bias_result = None
     if qconfig.bias_correction:
         t = time.perf_counter()
-        small = spec.input_size[1] * spec.input_size[2] <= 64 * 64
+        small = is_small_input(spec.input_size)
         # kept only if it brings the model closer to the FP model itself (after fine-tuning the
         # quantizers-off model is not the FP model any more)
         bias_result = bias_correct(qmodel, calib, holdout=holdout, fp_logits=fp_holdout,

@@ -282,18 +282,33 @@ def layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if isinstance(_module(gm, n), (QuantConv2d, QuantLinear))]
 
 
+LAYER_ALIASES = ("@first", "@last")
+
+
+def layer_matches(name: str, pattern: str, aliases: dict[str, str | None]) -> bool:
+    """Does a ``keep_8bit`` entry name layer ``name``: ``@first``/``@last`` through ``aliases``
+    (alias -> layer name), anything else as a case-sensitive glob on the module name."""
+    if pattern in LAYER_ALIASES:
+        return aliases.get(pattern) == name
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def unmatched_patterns(patterns, names) -> list[str]:
+    """The glob entries of ``patterns`` that name none of ``names`` (aliases always match)."""
+    return [p for p in patterns if p not in LAYER_ALIASES and not any(layer_matches(n, p, {}) for n in names)]
+
+
 def _policy_bits(gm: fx.GraphModule, config: QuantConfig) -> dict[str, int]:
     """Bits per layer (module name): ``config.bits`` unless a ``keep_8bit`` entry matches."""
     layers = layer_nodes(gm)
     convs = [n for n in layers if isinstance(_module(gm, n), QuantConv2d)]
     linears = [n for n in layers if isinstance(_module(gm, n), QuantLinear)]
-    special = {"@first": str(convs[0].target) if convs else None,
+    aliases = {"@first": str(convs[0].target) if convs else None,
                "@last": str(linears[-1].target) if linears else (str(layers[-1].target) if layers else None)}
     bits = {}
     for n in layers:
         name = str(n.target)
-        keep = any(special.get(p) == name if p.startswith("@") else fnmatch.fnmatchcase(name, p)
-                   for p in config.keep_8bit)
+        keep = any(layer_matches(name, p, aliases) for p in config.keep_8bit)
         bits[name] = 8 if keep else config.bits
     return bits
 

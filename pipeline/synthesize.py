@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfq.pipeline.models import is_small_input
+
 __all__ = [
     "SynthConfig", "BNStatsHook", "synthesize", "synthesize_batches", "target_labels",
     "pixel_bounds", "total_variation", "augment", "evaluate_synthetic", "batch_mean_var",
@@ -118,7 +120,7 @@ class SynthConfig:
         if len(input_size) != 3 or any(int(s) < 1 for s in input_size):
             raise ValueError(f"input_size must be (C, H, W) with positive sizes, got {input_size!r}")
         _, h, w = (int(s) for s in input_size)
-        small = h * w <= 64 * 64
+        small = is_small_input(input_size)
         table = _BUDGETS_SMALL if small else _BUDGETS_LARGE
         n, bs, steps, lr = table[budget]
         jitter = max(1, min(h, w) // 16)

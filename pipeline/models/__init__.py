@@ -5,6 +5,6 @@ usual checkpoints; :mod:`dfq.pipeline.load` fills in the weights.
 """
 from __future__ import annotations
 
-from .registry import ModelSpec, get_spec, infer_arch, list_archs
+from .registry import ModelSpec, get_spec, infer_arch, is_small_input, list_archs
 
-__all__ = ["ModelSpec", "get_spec", "infer_arch", "list_archs"]
+__all__ = ["ModelSpec", "get_spec", "infer_arch", "is_small_input", "list_archs"]

@@ -173,3 +173,13 @@ def infer_arch(path) -> str | None:
     if not hits:
         hits = _find_names(text.replace("_", ""), {name.replace("_", ""): name for name in _REGISTRY})
     return hits[0] if hits else None
+
+
+# Schedules (synthesis, fine-tuning, bias correction) are sized for two classes of input: CIFAR-like
+# images cost ~50x less per image and step than ImageNet-sized ones on the same CPU.
+SMALL_INPUT_PIXELS = 64 * 64
+
+
+def is_small_input(input_size) -> bool:
+    """True for inputs of at most 64x64 pixels (``input_size`` is (C, H, W))."""
+    return int(input_size[-2]) * int(input_size[-1]) <= SMALL_INPUT_PIXELS
