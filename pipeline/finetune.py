@@ -43,6 +43,7 @@ from dfq.kernels.attention import attention_centre, attention_map
 from dfq.pipeline import losses as L
 from dfq.pipeline.discriminators import BNStatsDiscriminator, DiscrepancyDiscriminator, importance_prior
 from dfq.pipeline.generators import make_generator, sample_centres
+from dfq.pipeline.models import is_small_input
 from dfq.pipeline.qmodules import QuantConv2d, QuantLinear
 from dfq.pipeline.quantize import QuantizedModel
 from dfq.pipeline.recipes import Recipe
@@ -75,7 +76,7 @@ class FinetuneConfig:
     def for_budget(cls, budget: str, input_size: tuple[int, int, int], *, steps: int | None = None,
                    seed: int = 0) -> "FinetuneConfig":
         """Schedules per budget, sized by measured step times on a 2-core CPU (README)."""
-        small = input_size[1] * input_size[2] <= 64 * 64
+        small = is_small_input(input_size)
         table = {  # (steps, batch, warmup)
             "fast": (300, 64, 30) if small else (60, 16, 10),
             "default": (2000, 64, 100) if small else (400, 16, 40),
@@ -266,23 +267,43 @@ class Finetuner:
                 self.bn_disc = BNStatsDiscriminator(self.taps.running(), spatial, group=recipe.bn_group)
                 disc_params += list(self.bn_disc.parameters())
             if "discrepancy" in terms or recipe.student_discrepancy:
-                layers = [(n, m) for n, m in self.student.named_modules() if isinstance(m, QuantConv2d)]
-                self.layer_names = [n for n, _ in layers]
+                layers = self._tap_layers()
                 prior = importance_prior([m for _, m in layers])
                 if self.bn_disc is not None and len(self.bn_disc.weights) == len(prior):
                     self.bn_disc.weights.copy_(prior)
                 self.disc = DiscrepancyDiscriminator([m.out_channels for _, m in layers], prior)
-                self._layer_tap = _LayerOutputs(self.student, self.layer_names)
                 disc_params += list(self.disc.parameters())
-                import copy
-
-                self.twin = copy.deepcopy(qmodel)
-                self.twin.set_enabled(False, False)
-                self.twin.module.eval()
-                for p in self.twin.module.parameters():
-                    p.requires_grad_(False)
             if disc_params:
                 self.opt_d = torch.optim.Adam(disc_params, lr=cfg.lr_discriminator, betas=(0.5, 0.999))
+
+        if recipe.student_features:
+            self._tap_layers()
+
+    def _tap_layers(self) -> list[tuple[str, nn.Module]]:
+        """Hooks on every quantized conv of the student, and the FP twin (a frozen copy of the
+        student as it starts, quantizers off: the FP model with BN folded) that the layer terms
+        compare it with. Idempotent."""
+        layers = [(n, m) for n, m in self.student.named_modules() if isinstance(m, QuantConv2d)]
+        if self.twin is None:
+            import copy
+
+            self.layer_names = [n for n, _ in layers]
+            self._layer_tap = _LayerOutputs(self.student, self.layer_names)
+            self.twin = copy.deepcopy(self.qmodel)
+            self.twin.set_enabled(False, False)
+            self.twin.module.eval()
+            for p in self.twin.module.parameters():
+                p.requires_grad_(False)
+        return layers
+
+    @torch.no_grad()
+    def _twin_layers(self, images: torch.Tensor) -> list[torch.Tensor]:
+        tap = _LayerOutputs(self.twin.module, self.layer_names)
+        try:
+            self.twin.module(images)
+            return tap.ordered()
+        finally:
+            tap.remove()
 
     def _ddp(self, module: nn.Module) -> nn.Module:
         """DistributedDataParallel around ``module`` in a torchrun run (it also broadcasts rank 0's
@@ -426,6 +447,10 @@ class Finetuner:
         if r.student_discrepancy and self.disc is not None:
             # the hooks record the layer outputs of the forward above (the same autograd graph)
             loss = loss + r.student_discrepancy * self.disc.student_loss(None, self._student_layers())
+        if r.student_features:
+            feat = L.feature_distillation(self._student_layers(), self._twin_layers(images))
+            loss = loss + r.student_features * feat
+            log["features"] = float(feat.detach())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"fine-tuning diverged: the student loss is {float(loss)} at step {self.step}")
         self.opt_s.zero_grad(set_to_none=True)
@@ -454,9 +479,28 @@ class Finetuner:
             with torch.no_grad():
                 t_logits = self.teacher(images)
         if self.step >= self.cfg.warmup_steps or self.generator is None:
+            if self.recipe.student_mixup:
+                images, t_logits = self._mix(images, t_logits, gen)
             self._student_step(images, labels, t_logits, log)
         self.step += 1
         return log
+
+    @torch.no_grad()
+    def _mix(self, images: torch.Tensor, t_logits: torch.Tensor, gen: torch.Generator):
+        """Replace the first ``student_mixup`` fraction of the batch by mixtures
+        ``lam*x_i + (1-lam)*x_j`` (lam ~ U(0,1), j a random other sample) with the teacher's logits
+        on them: samples between the synthetic classes, where the teacher is less certain and
+        distillation carries more. Drawn from the step's generator, so a resumed run mixes alike."""
+        n = len(images)
+        k = int(round(self.recipe.student_mixup * n))
+        if k == 0:
+            return images, t_logits
+        lam = torch.rand(k, generator=gen).view(-1, *([1] * (images.dim() - 1)))
+        partner = torch.randint(0, n, (k,), generator=gen)
+        mixed = lam * images[:k] + (1 - lam) * images[partner]
+        images = torch.cat([mixed, images[k:]])
+        t_logits = torch.cat([self.teacher(mixed), t_logits[k:]])
+        return images, t_logits
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -158,6 +158,17 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
                     log_target=True, reduction="batchmean") * t * t
 
 
+def feature_distillation(student: list[torch.Tensor], teacher: list[torch.Tensor], eps: float = 1e-8) -> torch.Tensor:
+    """Layer-output distillation: ``mean_l ||s_l - t_l||^2 / ||t_l||^2`` over paired layer outputs
+    (any shapes, equal per pair; ``t_l`` is treated as a constant). Each layer is normalised by its
+    own teacher energy, so every layer weighs the same whatever its width or scale; 0 when the
+    outputs match, 1 for an all-zero student."""
+    if len(student) != len(teacher) or not student:
+        raise ValueError(f"feature_distillation needs equal, non-empty layer lists ({len(student)} vs {len(teacher)})")
+    terms = [(s - t.detach()).pow(2).sum() / t.detach().pow(2).sum().clamp(min=eps) for s, t in zip(student, teacher)]
+    return torch.stack(terms).mean()
+
+
 def centre_matching(centres: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """ACQ attention-centre matching: ``mean_n ||centre_n - target_n||_2^2`` (``[N, 2]`` each)."""
     return (centres - targets).pow(2).sum(dim=1).mean()

@@ -20,7 +20,9 @@ model's view of the synthetic batch, see :mod:`dfq.pipeline.losses`):
 ================  ===========================================================================
 
 Student terms: ``T^2 KL`` distillation at ``temperature`` always, ``student_ce`` times CE to the
-generator's labels, and for DDAQ ``student_discrepancy`` times the fooling term. Weights follow the
+generator's labels, for DDAQ ``student_discrepancy`` times the fooling term, and
+``student_features`` times the layer-output distillation (every quantized conv's output against
+the same layer of the FP model, BN folded, on the same images; :func:`losses.feature_distillation`). Weights follow the
 papers where they state them (GDFQ's BNS weight 0.1); elsewhere they were set once so that each
 term starts at a magnitude comparable to the cross-entropy, and are the same for every model.
 """
@@ -41,6 +43,8 @@ class Recipe:
     temperature: float = 1.0            # distillation temperature
     student_ce: float = 0.0
     student_discrepancy: float = 0.0    # DDAQ: fool the discrepancy discriminator
+    student_features: float = 0.0       # layer-output distillation against the FP model
+    student_mixup: float = 0.0          # fraction of each student batch replaced by mixed pairs
     slack_delta: float = 0.1            # DSG margin, in running-std units
     layerwise_boost: float = 1.0        # DSG: weight (1 + boost) on each sample's chosen layer
     centroid_decay: float = 0.9         # ClusterQ EMA

@@ -1,5 +1,6 @@
 """Generators, DDAQ discriminators, recipes, and the fine-tuning loop on a tiny model."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from dfq.kernels.attention import attention_centre
 from dfq.pipeline.calibrate import calibrate
 from dfq.pipeline.discriminators import (BNStatsDiscriminator, DiscrepancyDiscriminator, group_stats,
                                          importance_prior)
-from dfq.pipeline.finetune import FinetuneConfig, finetune
+from dfq.pipeline.finetune import FinetuneConfig, Finetuner, finetune
 from dfq.pipeline.generators import (AttentionConditionalGenerator, ConditionalGenerator, make_generator,
                                      sample_centres)
 from dfq.pipeline.quantize import QuantConfig, quantize
@@ -137,6 +138,37 @@ def test_distillation_loss_falls_on_a_fixed_set():
     kd = [h["kd"] for h in res.history]
     first, last = sum(kd[:10]) / 10, sum(kd[-10:]) / 10
     assert last < 0.6 * first, (first, last)
+
+
+def test_layer_output_distillation_falls_and_leaves_the_teacher_alone():
+    teacher, qm = _setup(bits=4)
+    fp_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    images = tiny_images(32, seed=7)
+    labels = torch.arange(32) % 10
+    recipe = dataclasses.replace(get_recipe("bns-ft"), student_features=1.0)
+    cfg = _cfg(60, warmup_steps=0, lr_weights=1e-3, lr_scales=1e-2)
+    res = finetune(teacher, qm, recipe, cfg, input_size=SIZE, num_classes=10, fixed=(images, labels), progress=False)
+    feats = [h["features"] for h in res.history]
+    assert 0 < feats[0] and sum(feats[-10:]) / 10 < 0.8 * sum(feats[:10]) / 10, feats
+    # the student's loss is KD + features
+    assert res.history[-1]["student"] == pytest.approx(res.history[-1]["kd"] + feats[-1], abs=2e-5)  # history rounds
+    assert all(torch.equal(v, fp_before[k]) for k, v in teacher.state_dict().items())
+
+
+def test_student_mixup_mixes_a_fraction_and_asks_the_teacher():
+    teacher, qm = _setup(bits=4)
+    recipe = dataclasses.replace(get_recipe("bns-ft"), student_mixup=0.5)
+    images = torch.stack([torch.full(SIZE, float(i)) for i in range(8)])
+    tuner = Finetuner(teacher, qm, recipe, _cfg(4), input_size=SIZE, num_classes=10, fixed=(images, torch.zeros(8).long()))
+    t_logits = torch.randn(8, 10)
+    mixed, logits = tuner._mix(images, t_logits, torch.Generator().manual_seed(0))
+    assert torch.equal(mixed[4:], images[4:]) and torch.equal(logits[4:], t_logits[4:])
+    for img in mixed[:4]:                                  # constant images: a mixture is a constant in [0, 7]
+        assert torch.allclose(img, img.flatten()[0].expand_as(img)) and 0 <= float(img.flatten()[0]) <= 7
+    with torch.no_grad():
+        torch.testing.assert_close(logits[:4], teacher(mixed[:4]))
+    again = tuner._mix(images, t_logits, torch.Generator().manual_seed(0))[0]
+    assert torch.equal(again, mixed)                       # drawn from the step's generator: resumable
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):

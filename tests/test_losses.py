@@ -1,7 +1,9 @@
 """Loss terms on inputs whose answer is known by hand (groundwork for the generative methods)."""
+import pytest
 import torch
 
 from dfq.kernels.attention import attention_centre, attention_map
+from dfq.pipeline import losses as L
 from dfq.pipeline.losses import (ClassCentroids, bns_loss, centre_matching, centroid_alignment,
                                  correlation_inhibition, intra_class_diversity, kd_loss,
                                  mode_seeking_pair, slack_bns_loss)
@@ -45,3 +47,18 @@ def test_correlation_kd_centre_and_centroids():
     cents.update(torch.tensor([[4.0, 4.0]]), torch.tensor([0]))
     torch.testing.assert_close(cents.centroids[0], torch.tensor([3.0, 3.0]))
     assert intra_class_diversity(feats, labels).item() < 0
+
+
+def test_feature_distillation_by_hand():
+    t1, t2 = torch.full((2, 3, 4, 4), 0.5), torch.randn(2, 5, 2, 2)
+    assert float(L.feature_distillation([torch.zeros_like(t1)], [t1])) == pytest.approx(1.0)
+    assert float(L.feature_distillation([t2.clone()], [t2])) == 0.0
+    # per-layer normalisation: a layer at twice its teacher's value costs 1 whatever its scale
+    s1 = (2 * t1).requires_grad_()
+    loss = L.feature_distillation([s1, t2.clone()], [t1, t2])
+    assert float(loss.detach()) == pytest.approx(0.5)
+    teacher = t1.clone().requires_grad_()
+    L.feature_distillation([s1], [teacher]).backward()
+    assert teacher.grad is None and s1.grad is not None
+    with pytest.raises(ValueError, match="equal"):
+        L.feature_distillation([t1], [])
