@@ -43,7 +43,7 @@ class ExportJob:
     budget: Literal["fast", "default", "long"] = "default"
     seed: int = 0
     reduce_range: bool | None = None      # None: QuantConfig's default for the target
-    residual_bits: int | None = None      # None: QuantConfig's default (see QuantConfig.residual_bits)
+    residual_bits: int | None = None      # None: QuantConfig's default, 8 (see QuantConfig.residual_bits)
     bias_correction: bool = True          # see QuantConfig.bias_correction
     keep_8bit: tuple[str, ...] | None = None   # None: QuantConfig's default layer policy (first conv, last linear)
     report: str | None = None

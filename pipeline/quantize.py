@@ -54,9 +54,11 @@ class QuantConfig:
     # dfq.kernels.fake_quant.weight_grid); off for TensorRT.
     reduce_range: bool | None = None
     # Bits of tensors that no conv/linear reads, only residual Adds (and, for ONNX Runtime, the
-    # conv/Add outputs that only feed Adds): None = ``bits``. Every layer still computes on
-    # ``bits``-bit inputs; this is the precision of the residual branch before the Add.
-    residual_bits: int | None = None
+    # conv/Add outputs that only feed Adds). Every conv/linear still computes on ``bits``-bit
+    # inputs and weights; this is the precision of the residual branch before the Add, which
+    # both targets add on 8-bit kernels anyway. Default 8: at W4A4 a 4-bit residual branch cost
+    # ResNet-20 1.3 points even when fine-tuned on real images (diagnostic, README "Methods").
+    residual_bits: int = 8
     # Empirical bias correction of the model that is exported, after calibration and fine-tuning
     # (dfq.pipeline.calibrate.bias_correct), kept only when it lowers the FP->quantized KL on
     # held-out synthetic images.
@@ -65,7 +67,9 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"--bits {self.bits} is not supported; use 8 (W8A8) or 4 (W4A4)")
-        if self.residual_bits is not None and self.residual_bits not in SUPPORTED_BITS:
+        if self.residual_bits is None:      # "the default" (the job passes None when not given)
+            self.residual_bits = 8
+        if self.residual_bits not in SUPPORTED_BITS:
             raise ValueError(f"--residual-bits {self.residual_bits} is not supported; use 8 or 4")
         if self.target not in TARGETS:
             raise ValueError(f"unknown target {self.target!r}; use one of {', '.join(TARGETS)}")
@@ -321,11 +325,11 @@ def quant_requirements(gm: fx.GraphModule, layer_bits: dict[str, int], config: Q
     a Q on every conv and Add output (after a following ReLU/ReLU6, which the Q then makes
     redundant) so DQ-Conv-Q fuses into QLinearConv. Bits: a tensor a conv/linear reads gets the
     largest bits its reading layers ask for; any other quantized tensor gets ``residual_bits``
-    (default ``bits``).
+    (default 8).
     """
     layer_need: dict[fx.Node, int] = {}   # tensors a conv/linear reads: that layer's bits
     other_need: dict[fx.Node, int] = {}   # tensors only Adds read (or ORT's output Qs)
-    residual = config.residual_bits or config.bits
+    residual = config.residual_bits
 
     order: dict[fx.Node, None] = {}       # first-seen order, so quantizer order is stable
 
