@@ -396,6 +396,15 @@ class Finetuner:
                     p.requires_grad_(True)
             if "discrepancy" in w:
                 terms["discrepancy"] = self.disc.generator_loss(fp_out, q_out)
+        if "adversarial" in w:
+            params = [p for p in self.student.parameters() if p.requires_grad]
+            try:
+                for p in params:   # gradients reach the images only
+                    p.requires_grad_(False)
+                terms["adversarial"] = L.disagreement(logits, self.student(images))
+            finally:
+                for p in params:
+                    p.requires_grad_(True)
         if "centre" in w or "consistency" in w:
             att = attention_map(feats[-1], r.attention_p)
             if "centre" in w:

@@ -169,6 +169,13 @@ def feature_distillation(student: list[torch.Tensor], teacher: list[torch.Tensor
     return torch.stack(terms).mean()
 
 
+def disagreement(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Adversarial generator term (DFAD/ZAQ form): ``-mean_n ||t_n - s_n||_1 / K`` over ``[N, K]``
+    logits. The generator minimises it, i.e. seeks images on which the quantized student still
+    disagrees with the FP teacher; gradients flow to both logits' inputs."""
+    return -(teacher_logits - student_logits).abs().mean()
+
+
 def centre_matching(centres: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """ACQ attention-centre matching: ``mean_n ||centre_n - target_n||_2^2`` (``[N, 2]`` each)."""
     return (centres - targets).pow(2).sum(dim=1).mean()

@@ -17,6 +17,8 @@ model's view of the synthetic batch, see :mod:`dfq.pipeline.losses`):
 ``centre``        ACQ: attention centre of the deepest BN layer's input matches the condition
 ``pair``          ACQ: same condition, different noise -> different images (mode seeking)
 ``consistency``   ACQ: attention with BN in train mode equals attention in eval mode
+``adversarial``   images on which the quantized student disagrees with the FP model (DFAD/ZAQ:
+                  minus the mean L1 logit difference; no stock recipe uses it)
 ================  ===========================================================================
 
 Student terms: ``T^2 KL`` distillation at ``temperature`` always, ``student_ce`` times CE to the
@@ -31,7 +33,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 GENERATOR_TERMS = ("ce", "bns", "slack_bns", "layerwise", "correlation", "centroid", "diversity",
-                   "bn_adversarial", "discrepancy", "centre", "pair", "consistency")
+                   "bn_adversarial", "discrepancy", "centre", "pair", "consistency", "adversarial")
 
 
 @dataclass(frozen=True)

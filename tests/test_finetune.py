@@ -171,6 +171,22 @@ def test_student_mixup_mixes_a_fraction_and_asks_the_teacher():
     assert torch.equal(again, mixed)                       # drawn from the step's generator: resumable
 
 
+def test_adversarial_term_moves_the_generator_not_the_student():
+    teacher, qm = _setup(bits=4)
+    base = get_recipe("acq")
+    recipe = dataclasses.replace(base, terms={**base.terms, "adversarial": 1.0})
+    tuner = Finetuner(teacher, qm, recipe, _cfg(4), input_size=SIZE, num_classes=10)
+    before = {k: v.clone() for k, v in qm.module.state_dict().items()}
+    gen_before = [p.clone() for p in tuner.generator.parameters()]
+    log = {}
+    tuner._generator_step(torch.Generator().manual_seed(0), log)
+    assert log["adversarial"] < 0
+    assert all(p.grad is None or not p.grad.any() for p in qm.module.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in qm.module.state_dict().items())
+    assert any(not torch.equal(a, b) for a, b in zip(gen_before, tuner.generator.parameters()))
+    assert all(p.requires_grad for p in qm.module.parameters())   # restored for the student step
+
+
 def test_resume_equals_uninterrupted_run(tmp_path):
     recipe = get_recipe("acq")
     teacher, qm = _setup(seed=1)

@@ -62,3 +62,10 @@ def test_feature_distillation_by_hand():
     assert teacher.grad is None and s1.grad is not None
     with pytest.raises(ValueError, match="equal"):
         L.feature_distillation([t1], [])
+
+
+def test_disagreement_by_hand():
+    t = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    s = torch.tensor([[0.0, 2.0], [0.0, -2.0]])
+    assert float(L.disagreement(t, s)) == pytest.approx(-(1 + 0 + 0 + 2) / 4)
+    assert float(L.disagreement(t, t)) == 0.0
