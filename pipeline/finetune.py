@@ -488,11 +488,25 @@ class Finetuner:
             with torch.no_grad():
                 t_logits = self.teacher(images)
         if self.step >= self.cfg.warmup_steps or self.generator is None:
+            if self.recipe.student_fixed and self.generator is not None and self.fixed is not None:
+                images, t_logits = self._with_fixed(images, t_logits, gen)
             if self.recipe.student_mixup:
                 images, t_logits = self._mix(images, t_logits, gen)
             self._student_step(images, labels, t_logits, log)
         self.step += 1
         return log
+
+    @torch.no_grad()
+    def _with_fixed(self, images: torch.Tensor, t_logits: torch.Tensor, gen: torch.Generator):
+        """Replace the last ``student_fixed`` fraction of a generated batch by random images of the
+        BN-inversion set (with the teacher's logits on them)."""
+        n = len(images)
+        k = int(round(self.recipe.student_fixed * n))
+        if k == 0:
+            return images, t_logits
+        pool = self.fixed[0]
+        picked = pool[torch.randint(0, len(pool), (k,), generator=gen)]
+        return torch.cat([images[:n - k], picked]), torch.cat([t_logits[:n - k], self.teacher(picked)])
 
     @torch.no_grad()
     def _mix(self, images: torch.Tensor, t_logits: torch.Tensor, gen: torch.Generator):

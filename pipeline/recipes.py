@@ -47,6 +47,8 @@ class Recipe:
     student_discrepancy: float = 0.0    # DDAQ: fool the discrepancy discriminator
     student_features: float = 0.0       # layer-output distillation against the FP model
     student_mixup: float = 0.0          # fraction of each student batch replaced by mixed pairs
+    student_fixed: float = 0.0          # generative recipes: fraction of each student batch drawn
+                                        # from the BN-inversion (calibration) images instead
     slack_delta: float = 0.1            # DSG margin, in running-std units
     layerwise_boost: float = 1.0        # DSG: weight (1 + boost) on each sample's chosen layer
     centroid_decay: float = 0.9         # ClusterQ EMA

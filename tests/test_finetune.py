@@ -171,6 +171,22 @@ def test_student_mixup_mixes_a_fraction_and_asks_the_teacher():
     assert torch.equal(again, mixed)                       # drawn from the step's generator: resumable
 
 
+def test_student_fixed_fraction_comes_from_the_bn_inversion_set():
+    teacher, qm = _setup(bits=4)
+    recipe = dataclasses.replace(get_recipe("acq"), student_fixed=0.25)
+    pool = torch.stack([torch.full(SIZE, 100.0 + i) for i in range(5)])
+    tuner = Finetuner(teacher, qm, recipe, _cfg(4), input_size=SIZE, num_classes=10, fixed=(pool, torch.zeros(5).long()))
+    images, t_logits = torch.zeros(8, *SIZE), torch.randn(8, 10)
+    out, logits = tuner._with_fixed(images, t_logits, torch.Generator().manual_seed(0))
+    assert torch.equal(out[:6], images[:6]) and torch.equal(logits[:6], t_logits[:6])
+    assert all(float(img.min()) >= 100 for img in out[6:])
+    with torch.no_grad():
+        torch.testing.assert_close(logits[6:], teacher(out[6:]))
+    res = finetune(teacher, qm, recipe, _cfg(3), input_size=SIZE, num_classes=10, fixed=(pool, torch.zeros(5).long()),
+                   progress=False)
+    assert res.steps == 3
+
+
 def test_adversarial_term_moves_the_generator_not_the_student():
     teacher, qm = _setup(bits=4)
     base = get_recipe("acq")
