@@ -21,7 +21,9 @@ model's view of the synthetic batch, see :mod:`dfq.pipeline.losses`):
                   minus the mean L1 logit difference; no stock recipe uses it)
 ================  ===========================================================================
 
-Student terms: ``T^2 KL`` distillation at ``temperature`` always, ``student_ce`` times CE to the
+The student of a generative recipe distils on batches that are half generator images, half
+BN-inversion images (``student_fixed``). Student terms: ``T^2 KL`` distillation at ``temperature``
+always, ``student_ce`` times CE to the
 generator's labels, for DDAQ ``student_discrepancy`` times the fooling term, and
 ``student_features`` times the layer-output distillation (every quantized conv's output against
 the same layer of the FP model, BN folded, on the same images; :func:`losses.feature_distillation`). Weights follow the
@@ -47,8 +49,11 @@ class Recipe:
     student_discrepancy: float = 0.0    # DDAQ: fool the discrepancy discriminator
     student_features: float = 0.0       # layer-output distillation against the FP model
     student_mixup: float = 0.0          # fraction of each student batch replaced by mixed pairs
-    student_fixed: float = 0.0          # generative recipes: fraction of each student batch drawn
-                                        # from the BN-inversion (calibration) images instead
+    # Generative recipes: fraction of each student batch drawn from the BN-inversion (calibration)
+    # images instead of the generator. 0.5 for every generative recipe (the data the student sees
+    # is the fine-tuning stage's, not the method's). Measured, ResNet-20 W4A4 acq fast, 8-bit
+    # residuals, seeds 0 / 1: drop 2.66 / 2.69 with it, 3.12 / 3.31 without.
+    student_fixed: float = 0.5
     slack_delta: float = 0.1            # DSG margin, in running-std units
     layerwise_boost: float = 1.0        # DSG: weight (1 + boost) on each sample's chosen layer
     centroid_decay: float = 0.9         # ClusterQ EMA
