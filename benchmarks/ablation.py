@@ -23,15 +23,16 @@ METHODS = ["bns", "bns-ft", "gdfq", "dsg", "clusterq", "ddaq", "acq"]
 def plot(records: list[dict], png: Path, md: Path) -> None:
     rows = [r for r in records if r.get("method") in METHODS and not r.get("options")]  # default options only
     lines = ["# Data-free method ablation (exported ONNX top-1 vs FP, ONNX Runtime CPU)", "",
-             "| model | bits | target | budget | method | steps | top1_fp | top1_int | drop_points | agreement | wall_s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| model | bits | target | budget | method | steps | top1_fp | top1_int | drop_points | agreement | wall_s | commit |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(rows, key=lambda r: (r["model"], r["bits"], r["target"], r.get("budget", ""),
                                          METHODS.index(r["method"]))):
         lines.append(f"| {r['model']} | {r['bits']} | {r['target']} | {r.get('budget')} | {r['method']} | "
                      f"{r.get('steps', 0)} | {100 * r['top1_fp']:.2f} | {100 * r['top1_int']:.2f} | "
-                     f"{r['drop_points']:.2f} | {r['agreement']:.4f} | {r['wall_s']:.0f} |")
-    lines += ["", "Drop in points of top-1 (FP minus exported ONNX). Commands, commits and machines are in "
-              "accuracy.json. The plot beside this file shows the same numbers."]
+                     f"{r['drop_points']:.2f} | {r['agreement']:.4f} | {r['wall_s']:.0f} | {str(r.get('commit', ''))[:7]} |")
+    lines += ["", "Drop in points of top-1 (FP minus exported ONNX). Rows come from different commits (last "
+              "column): a method's row is only comparable with rows of the same commit. Commands and machines are "
+              "in accuracy.json. The plot beside this file shows the same numbers."]
     md.write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
