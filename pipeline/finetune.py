@@ -24,6 +24,7 @@ images.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -382,29 +383,18 @@ class Finetuner:
         fp_out = q_out = None
         if "discrepancy" in w or r.student_discrepancy:
             tap_f = _LayerOutputs(self.twin.module, self.layer_names)
-            params = [p for p in self.student.parameters() if p.requires_grad]
             try:
-                # gradients reach the images, not the student's parameters (nor DDP's hooks)
-                for p in params:
-                    p.requires_grad_(False)
-                self.student(images)
+                with self._student_frozen():
+                    self.student(images)
                 self.twin.module(images)
                 q_out, fp_out = self._student_layers(), tap_f.ordered()
             finally:
                 tap_f.remove()
-                for p in params:
-                    p.requires_grad_(True)
             if "discrepancy" in w:
                 terms["discrepancy"] = self.disc.generator_loss(fp_out, q_out)
         if "adversarial" in w:
-            params = [p for p in self.student.parameters() if p.requires_grad]
-            try:
-                for p in params:   # gradients reach the images only
-                    p.requires_grad_(False)
+            with self._student_frozen():
                 terms["adversarial"] = L.disagreement(logits, self.student(images))
-            finally:
-                for p in params:
-                    p.requires_grad_(True)
         if "centre" in w or "consistency" in w:
             att = attention_map(feats[-1], r.attention_p)
             if "centre" in w:
@@ -471,6 +461,19 @@ class Finetuner:
                     p.clamp_(min=1e-8)
         log["kd"] = float(kd.detach())
         log["student"] = float(loss.detach())
+
+    @contextlib.contextmanager
+    def _student_frozen(self):
+        """The student's parameters without gradients for a forward whose gradients must reach
+        only the images (generator terms), not the parameters (nor DDP's hooks); restored after."""
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        try:
+            for p in params:
+                p.requires_grad_(False)
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
 
     def _student_layers(self) -> list[torch.Tensor]:
         return [self._layer_tap.outputs[n] for n in self.layer_names]
