@@ -288,17 +288,19 @@ class Finetuner:
         if self.twin is None:
             import copy
 
-            self.layer_names = [n for n, _ in layers]
-            self._layer_tap = _LayerOutputs(self.student, self.layer_names)
+            # the copy first: a deepcopy of a hooked module keeps the hooks, and the twin's forward
+            # would then overwrite the student's recorded outputs
             self.twin = copy.deepcopy(self.qmodel)
             self.twin.set_enabled(False, False)
             self.twin.module.eval()
             for p in self.twin.module.parameters():
                 p.requires_grad_(False)
+            self.layer_names = [n for n, _ in layers]
+            self._layer_tap = _LayerOutputs(self.student, self.layer_names)
         return layers
 
-    @torch.no_grad()
     def _twin_layers(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The FP twin's conv outputs on ``images`` (with autograd to the images where they need it)."""
         tap = _LayerOutputs(self.twin.module, self.layer_names)
         try:
             self.twin.module(images)
@@ -382,14 +384,9 @@ class Finetuner:
             terms["bn_adversarial"] = self.bn_disc.generator_loss(feats)
         fp_out = q_out = None
         if "discrepancy" in w or r.student_discrepancy:
-            tap_f = _LayerOutputs(self.twin.module, self.layer_names)
-            try:
-                with self._student_frozen():
-                    self.student(images)
-                self.twin.module(images)
-                q_out, fp_out = self._student_layers(), tap_f.ordered()
-            finally:
-                tap_f.remove()
+            with self._student_frozen():
+                self.student(images)
+            q_out, fp_out = self._student_layers(), self._twin_layers(images)
             if "discrepancy" in w:
                 terms["discrepancy"] = self.disc.generator_loss(fp_out, q_out)
         if "adversarial" in w:
@@ -447,7 +444,9 @@ class Finetuner:
             # the hooks record the layer outputs of the forward above (the same autograd graph)
             loss = loss + r.student_discrepancy * self.disc.student_loss(None, self._student_layers())
         if r.student_features:
-            feat = L.feature_distillation(self._student_layers(), self._twin_layers(images))
+            with torch.no_grad():
+                target = self._twin_layers(images)
+            feat = L.feature_distillation(self._student_layers(), target)
             loss = loss + r.student_features * feat
             log["features"] = float(feat.detach())
         if not torch.isfinite(loss):
@@ -492,7 +491,7 @@ class Finetuner:
                 t_logits = self.teacher(images)
         if self.step >= self.cfg.warmup_steps or self.generator is None:
             if self.recipe.student_fixed and self.generator is not None and self.fixed is not None:
-                images, t_logits = self._with_fixed(images, t_logits, gen)
+                images, labels, t_logits = self._with_fixed(images, labels, t_logits, gen)
             if self.recipe.student_mixup:
                 images, t_logits = self._mix(images, t_logits, gen)
             self._student_step(images, labels, t_logits, log)
@@ -500,16 +499,18 @@ class Finetuner:
         return log
 
     @torch.no_grad()
-    def _with_fixed(self, images: torch.Tensor, t_logits: torch.Tensor, gen: torch.Generator):
+    def _with_fixed(self, images: torch.Tensor, labels: torch.Tensor, t_logits: torch.Tensor, gen: torch.Generator):
         """Replace the last ``student_fixed`` fraction of a generated batch by random images of the
-        BN-inversion set (with the teacher's logits on them)."""
+        BN-inversion set, with their target labels and the teacher's logits on them."""
         n = len(images)
         k = int(round(self.recipe.student_fixed * n))
         if k == 0:
-            return images, t_logits
-        pool = self.fixed[0]
-        picked = pool[torch.randint(0, len(pool), (k,), generator=gen)]
-        return torch.cat([images[:n - k], picked]), torch.cat([t_logits[:n - k], self.teacher(picked)])
+            return images, labels, t_logits
+        pool, pool_labels = self.fixed
+        idx = torch.randint(0, len(pool), (k,), generator=gen)
+        picked = pool[idx]
+        return (torch.cat([images[:n - k], picked]), torch.cat([labels[:n - k], pool_labels[idx]]),
+                torch.cat([t_logits[:n - k], self.teacher(picked)]))
 
     @torch.no_grad()
     def _mix(self, images: torch.Tensor, t_logits: torch.Tensor, gen: torch.Generator):

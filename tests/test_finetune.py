@@ -155,6 +155,19 @@ def test_layer_output_distillation_falls_and_leaves_the_teacher_alone():
     assert all(torch.equal(v, fp_before[k]) for k, v in teacher.state_dict().items())
 
 
+def test_twin_forward_leaves_the_students_recorded_layer_outputs_alone():
+    # DDAQ's generator term runs the student, then the FP twin, then reads both layer lists
+    teacher, qm = _setup(bits=4)
+    tuner = Finetuner(teacher, qm, get_recipe("ddaq"), _cfg(4), input_size=SIZE, num_classes=10)
+    x = tiny_images(4, seed=5)
+    with torch.no_grad():
+        qm.module(x)
+        student = [t.clone() for t in tuner._student_layers()]
+        twin = tuner._twin_layers(x)
+    assert all(torch.equal(a, b) for a, b in zip(student, tuner._student_layers()))
+    assert any(not torch.equal(a, b) for a, b in zip(student, twin))   # W4A4 differs from FP
+
+
 def test_student_mixup_mixes_a_fraction_and_asks_the_teacher():
     teacher, qm = _setup(bits=4)
     recipe = dataclasses.replace(get_recipe("bns-ft"), student_mixup=0.5)
@@ -177,9 +190,10 @@ def test_student_fixed_fraction_comes_from_the_bn_inversion_set():
     pool = torch.stack([torch.full(SIZE, 100.0 + i) for i in range(5)])
     tuner = Finetuner(teacher, qm, recipe, _cfg(4), input_size=SIZE, num_classes=10, fixed=(pool, torch.zeros(5).long()))
     images, t_logits = torch.zeros(8, *SIZE), torch.randn(8, 10)
-    out, logits = tuner._with_fixed(images, t_logits, torch.Generator().manual_seed(0))
+    out, labels, logits = tuner._with_fixed(images, torch.full((8,), 9), t_logits, torch.Generator().manual_seed(0))
     assert torch.equal(out[:6], images[:6]) and torch.equal(logits[:6], t_logits[:6])
     assert all(float(img.min()) >= 100 for img in out[6:])
+    assert labels[:6].eq(9).all() and labels[6:].eq(0).all()     # the pool's labels come along
     with torch.no_grad():
         torch.testing.assert_close(logits[6:], teacher(out[6:]))
     res = finetune(teacher, qm, recipe, _cfg(3), input_size=SIZE, num_classes=10, fixed=(pool, torch.zeros(5).long()),
