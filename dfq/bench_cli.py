@@ -15,7 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from dfq.errors import DfqError
+from dfq.common.errors import DfqError
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        from dfq.errors import OutputError, SpeedupError, UsageError
+        from dfq.common.errors import OutputError, SpeedupError, UsageError
         from dfq.export.bench import Budget, format_checks, format_table, run_bench
 
         if args.max_regression is not None and args.baseline is None:
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                            command=" ".join(shlex.quote(a) for a in ["dfq-bench", *argv]),
                            log=lambda m: print(m, file=sys.stderr))
         if args.out:
-            from dfq.export.onnx_export import atomic_write_bytes
+            from dfq.common.files import atomic_write_bytes
             from dfq.report import to_json
 
             out = Path(args.out)

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dfq.errors import DfqError
+from dfq.common.errors import DfqError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from dfq.errors import OutputError, UnsupportedModelError, UsageError
+        from dfq.common.errors import OutputError, UnsupportedModelError, UsageError
         from dfq.export.tensorrt import build_engine, onnx_input_shape, require_tensorrt, trtexec_command
 
         model, out = Path(args.model), Path(args.out)

@@ -2,7 +2,7 @@
 
 The CLI only parses arguments and calls :func:`dfq.job.run_export`. Errors a user can cause
 print one paragraph (no traceback unless ``--debug``) and exit with the code of their class
-(see ``dfq.errors`` and the README's exit-code table).
+(see ``dfq.common.errors`` and the README's exit-code table).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from dfq.errors import DfqError
+from dfq.common.errors import DfqError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,8 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "weights_only=True")
     p.add_argument("--arch", help="architecture name (default: inferred from the file name); see --list-archs")
     p.add_argument("--bits", type=int, default=8, help="WnAn bit width: 8 or 4 (default 8)")
-    p.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"],
-                   help="artifact flavour; fixes activation grids and Q/DQ placement (default onnxruntime)")
+    p.add_argument("--target", choices=["onnxruntime", "tensorrt"],
+                   help="artifact flavour; fixes activation grids and Q/DQ placement (default: tensorrt for an "
+                        ".engine/.plan output, else onnxruntime)")
     p.add_argument("--out", required=False, help="output .onnx, or .engine/.plan (the .onnx is written beside it)")
     p.add_argument("--method", default="acq",
                    help="data-free method: acq (default), gdfq, dsg, clusterq, ddaq, bns-ft (fine-tune on BN-inversion "
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print("\n".join(list_archs()))
             return 0
-        from dfq.errors import UsageError
+        from dfq.common.errors import UsageError
 
         if not args.model:
             raise UsageError("a checkpoint path is required: dfq-export MODEL --out OUT.onnx")

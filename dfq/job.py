@@ -9,13 +9,33 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import onnx
 import torch
+from torch import nn
 
-from dfq.errors import OutputError, UnsupportedModelError, UsageError, VerificationError
+from dfq import distributed as D
+from dfq.common.errors import (EngineNotBuiltError, OutputError, UnsupportedModelError, UsageError,
+                               VerificationError)
+from dfq.common.files import StagedOutputs, atomic_write_bytes, remove_orphaned_temporaries
+from dfq.export.check import compare_on_batches, tensor_batches
+from dfq.export.exact import exact_integer_graph
+from dfq.export.onnx_export import build_onnx, float_graph
+from dfq.export.ort_reference import OrtIntegerReference
+from dfq.export.ort_runtime import compare_latency, make_session
+from dfq.export.rules import tensorrt_violations
+from dfq.export.tensorrt import build_engine, require_tensorrt, trtexec_command
 from dfq.kernels.fake_quant import activation_grid, weight_grid
+from dfq.pipeline.calibrate import batched_logits, bias_correct, calibrate, heldout_kd
+from dfq.pipeline.data import image_folder, iterate_images
+from dfq.pipeline.finetune import FinetuneConfig, checkpoint_fingerprint, finetune
+from dfq.pipeline.load import has_batchnorm, load_model
+from dfq.pipeline.models import is_small_input
+from dfq.pipeline.quantize import QuantConfig, quantize, unmatched_patterns
+from dfq.pipeline.recipes import DEFAULT_METHOD, RECIPES
+from dfq.pipeline.synthesize import SynthConfig, synthesize, synthesize_batches
+from dfq.report import command_line, git_commit, machine_info, to_json, to_markdown
 
 BUDGETS = ("fast", "default", "long")
-from dfq.pipeline.recipes import DEFAULT_METHOD, RECIPES  # noqa: E402 (light: dataclasses only)
 
 METHODS = tuple(RECIPES)
 ENGINE_SUFFIXES = (".engine", ".plan")
@@ -33,7 +53,8 @@ class ExportJob:
     out: str
     arch: str | None = None
     bits: int = 8
-    target: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
+    # None: tensorrt for an engine output (.engine/.plan), else onnxruntime
+    target: Literal["onnxruntime", "tensorrt"] | None = None
     method: str = DEFAULT_METHOD
     steps: int | None = None              # fine-tuning steps (default: the budget's)
     resume: bool = False                  # continue the fine-tuning checkpoint of an interrupted run
@@ -60,6 +81,12 @@ class ExportJob:
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
             raise UsageError(f"--bits {self.bits} is not supported: use --bits 8 (W8A8) or --bits 4 (W4A4).")
+        if self.target is None:
+            self.target = "tensorrt" if self.engine_path is not None else "onnxruntime"
+        if self.engine_path is not None and self.target != "tensorrt":
+            raise UsageError(f"--out {self.out} asks for a TensorRT engine, but --target {self.target} makes an ONNX that "
+                             "TensorRT cannot build (UINT8 activations, non-zero zero points). Drop --target (an engine "
+                             "output selects the tensorrt flavour) or write a .onnx for ONNX Runtime.")
         if self.target not in ("onnxruntime", "tensorrt"):
             raise UsageError(f"--target {self.target!r} is unknown: use onnxruntime or tensorrt.")
         if self.method not in METHODS:
@@ -110,9 +137,9 @@ class ExportJob:
         paths = [self.onnx_path, self.fp_onnx_path, self.report_path, self.markdown_path]
         return paths + ([self.engine_path] if self.engine_path else [])
 
-    def check_outputs(self) -> None:
-        """Before any work: the output suffix is known, nothing is overwritten without --force, and
-        every output directory exists and is writable."""
+    def check_outputs(self) -> list[Path]:
+        """Before any work: the output suffix is known and nothing is overwritten without --force;
+        missing output directories are created (returned, so a run that fails can remove them)."""
         suffix = Path(self.out).suffix
         if suffix not in (".onnx",) + ENGINE_SUFFIXES:
             raise UsageError(f"--out {self.out}: the output must end in .onnx (ONNX artifact) or .engine/.plan "
@@ -124,21 +151,42 @@ class ExportJob:
         if RECIPES[self.method].trains and not self.resume and not self.force and self.checkpoint_path.exists():
             raise OutputError(f"A fine-tuning checkpoint from an earlier, unfinished run exists: {self.checkpoint_path}. "
                               "Pass --resume to continue it (same command), or --force to start over.")
+        created = []
         for p in self.outputs() + [self.checkpoint_path]:
-            parent = p.parent if str(p.parent) else Path(".")
-            if not parent.is_dir():
-                raise OutputError(f"The output directory {parent} does not exist; create it or choose another --out.")
-            if not os.access(parent, os.W_OK):
-                raise OutputError(f"The output directory {parent} is not writable; choose another --out.")
-        from dfq.export.onnx_export import remove_orphaned_temporaries
-
+            created += _make_directory(p.parent if str(p.parent) else Path("."))
         for p in self.outputs() + [self.checkpoint_path]:
             remove_orphaned_temporaries(p)   # left by a killed earlier run of this command
+        return created
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["latency_batches"] = list(self.latency_batches)
         return d
+
+
+def _make_directory(parent: Path) -> list[Path]:
+    """Create ``parent`` (and its missing ancestors) unless it exists; returns what was created,
+    deepest first. Raises OutputError when it cannot be created or written."""
+    missing = [d for d in [parent, *parent.parents] if not d.exists()]
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"The output directory {parent} cannot be created ({exc.strerror or exc}); "
+                          "choose another --out.") from exc
+    if not parent.is_dir():
+        raise OutputError(f"The output location {parent} is not a directory; choose another --out.")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"The output directory {parent} is not writable; choose another --out.")
+    return missing
+
+
+def remove_empty_directories(created: list[Path]) -> None:
+    """Undo :meth:`ExportJob.check_outputs`' directory creation where nothing was written into them."""
+    for d in created:
+        try:
+            d.rmdir()
+        except OSError:
+            pass
 
 
 def _numerics(bits: int, target: str, reduce_range: bool) -> str:
@@ -157,10 +205,6 @@ def _numerics(bits: int, target: str, reduce_range: bool) -> str:
 def _check_layer_patterns(patterns, model) -> None:
     """Every ``--keep-8bit`` glob must name at least one conv/linear layer (a typo would otherwise
     silently quantize the layer at the low bit width)."""
-    from torch import nn
-
-    from dfq.pipeline.quantize import unmatched_patterns
-
     names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     missing = unmatched_patterns(patterns, names)
     if missing:
@@ -171,27 +215,23 @@ def _check_layer_patterns(patterns, model) -> None:
 
 
 def run_export(job: ExportJob, *, log=print) -> dict:
-    """Run the whole path; returns the report (also written as JSON and Markdown)."""
-    from dfq.export.check import compare_on_batches, tensor_batches
-    from dfq.export.onnx_export import atomic_write_bytes, export_onnx
-    from dfq.export.ort_runtime import compare_latency, make_session
-    from dfq.export.rules import tensorrt_violations
-    from dfq.pipeline.calibrate import bias_correct, calibrate
-    from dfq.pipeline.load import has_batchnorm, load_model
-    from dfq.pipeline.models import is_small_input
-    from dfq.pipeline.quantize import QuantConfig, quantize
-    from dfq.pipeline.synthesize import SynthConfig, synthesize
-    from dfq.report import command_line, git_commit, machine_info, to_json, to_markdown
+    """Run the whole path; returns the report (also written as JSON and Markdown). A run that
+    fails removes the output directories it created, if nothing was written into them."""
+    created = job.check_outputs()
+    try:
+        return _run_export(job, log)
+    except BaseException:
+        remove_empty_directories(created)
+        raise
 
+
+def _run_export(job: ExportJob, log) -> dict:
     t_start = time.perf_counter()
     commit = git_commit()             # the code this run started with
     timings: dict[str, float] = {}
-    from dfq import distributed as D
-
     info = D.init_from_env()          # torchrun: data-parallel synthesis and fine-tuning
     if not info.main:
         log = lambda msg: None        # noqa: E731 - rank 0 speaks for the run
-    job.check_outputs()
     loaded = load_model(job.model, job.arch)
     spec = loaded.spec
     if not has_batchnorm(loaded.model):
@@ -203,8 +243,6 @@ def run_export(job: ExportJob, *, log=print) -> dict:
         _check_layer_patterns(job.keep_8bit, loaded.model)
     val_set = None
     if job.val:
-        from dfq.pipeline.data import image_folder
-
         val_set = image_folder(job.val, spec)
     torch.manual_seed(job.seed)
     timings["load"] = time.perf_counter() - t_start
@@ -224,8 +262,6 @@ def run_export(job: ExportJob, *, log=print) -> dict:
     log(f"[dfq] synthesizing {synth_cfg.num_images} {purpose} from {spec.name}'s BatchNorm statistics "
         f"(BN inversion, budget {synth_budget})")
     if info.enabled:
-        from dfq.pipeline.synthesize import synthesize_batches
-
         parts = list(synthesize_batches(loaded.model, spec.input_size, spec.mean, spec.std, spec.num_classes,
                                         synth_cfg, progress=job.progress and info.main,
                                         shard=(info.rank, info.world)))
@@ -251,6 +287,7 @@ def run_export(job: ExportJob, *, log=print) -> dict:
                           residual_bits=job.residual_bits, bias_correction=job.bias_correction, **policy)
     qmodel = quantize(loaded.model, qconfig, calib[:2])
     calib_result = calibrate(qmodel, calib, holdout=holdout, seed=job.seed)
+    fp_twin = float_graph(qmodel)     # the FP model itself (BN folded): before fine-tuning and bias correction
     timings["quantize"] = time.perf_counter() - t
     log(f"[dfq] {qconfig.name} for {job.target}: {len(qmodel.layer_bits)} layers, "
         f"{calib_result.num_quantizers} activation quantizers, calibration '{calib_result.method}'")
@@ -260,15 +297,11 @@ def run_export(job: ExportJob, *, log=print) -> dict:
     recipe = RECIPES[job.method]
     fp_holdout = None
     if recipe.trains or qconfig.bias_correction:
-        from dfq.pipeline.calibrate import batched_logits
-
         fp_holdout = batched_logits(loaded.model.eval(), holdout, 64)
 
     # fine-tune --------------------------------------------------------------------------------
     finetune_report = {"recipe": recipe.to_dict(), "ran": False}
     if recipe.trains:
-        from dfq.pipeline.finetune import FinetuneConfig, checkpoint_fingerprint, finetune
-
         t = time.perf_counter()
         ft_cfg = FinetuneConfig.for_budget(job.budget, spec.input_size, steps=job.steps, seed=job.seed)
         if job.finetune_overrides:
@@ -278,8 +311,6 @@ def run_export(job: ExportJob, *, log=print) -> dict:
             method=job.method, seed=job.seed, reduce_range=qconfig.reduce_range,
             residual_bits=qconfig.residual_bits, keep_8bit=list(qconfig.keep_8bit), synth=synth_cfg.to_dict(),
             finetune=ft_cfg.to_dict(), processes=info.world)
-        from dfq.pipeline.calibrate import heldout_kd
-
         kd_before = heldout_kd(qmodel, holdout, fp_holdout)
         calibrated_state = {k: v.detach().clone() for k, v in qmodel.module.state_dict().items()}
         log(f"[dfq] fine-tuning ({recipe.name}: {recipe.summary}) for {ft_cfg.steps} steps of batch {ft_cfg.batch}; "
@@ -330,8 +361,25 @@ def run_export(job: ExportJob, *, log=print) -> dict:
 
     # export -----------------------------------------------------------------------------------
     t = time.perf_counter()
-    exported = export_onnx(qmodel, job.onnx_path, fp_path=job.fp_onnx_path)
-    timings["export"] = time.perf_counter() - t
+    # Every output is staged as a temporary file beside its path, checked, and renamed into place
+    # only once verified; a failed write or check leaves nothing at the output paths.
+    staged = StagedOutputs()
+    try:
+        return _check_and_write(job, staged, exported=build_onnx(qmodel), fp_twin=fp_twin, t_export=t,
+                                loaded=loaded, spec=spec, qmodel=qmodel, qconfig=qconfig, calib_result=calib_result,
+                                bias_result=bias_result, finetune_report=finetune_report, recipe=recipe,
+                                images=images, holdout=holdout, synth_cfg=synth_cfg, val_set=val_set,
+                                timings=timings, commit=commit, t_start=t_start, log=log)
+    finally:
+        staged.discard()
+
+
+def _check_and_write(job, staged, *, exported, fp_twin, t_export, loaded, spec, qmodel, qconfig, calib_result,
+                     bias_result, finetune_report, recipe, images, holdout, synth_cfg, val_set, timings, commit,
+                     t_start, log) -> dict:
+    onnx_tmp = staged.stage(job.onnx_path, exported.qdq.SerializeToString())
+    fp_tmp = staged.stage(job.fp_onnx_path, fp_twin.SerializeToString())
+    timings["export"] = time.perf_counter() - t_export
     for rewrite, nodes in exported.rewrites.items():
         log(f"[dfq] exact graph rewrite {rewrite}: {', '.join(nodes)} (ONNX Runtime's fused kernels run it faster; "
             "same integer results)")
@@ -345,24 +393,18 @@ def run_export(job: ExportJob, *, log=print) -> dict:
     # disk so that ORT's float kernels do exactly that). ORT's fused x86 kernels would add their
     # own int16 saturation for full-range weights, and its unfused float path rounds every
     # product, which flips about 1% of ResNet-20's answers through 20 layers.
-    import onnx
-
-    from dfq.export.exact import exact_integer_graph
-
-    exact = make_session(exact_integer_graph(onnx.load(str(job.onnx_path))), threads=job.threads,
+    exact = make_session(exact_integer_graph(onnx.load(str(onnx_tmp))), threads=job.threads,
                          optimization="disable")
     extra_sessions = {}
     if job.target == "tensorrt":
         session = exact
         check_runtime = "onnxruntime, integer-exact evaluation of the QDQ graph (int32 accumulation as in TensorRT)"
     else:
-        session = make_session(str(job.onnx_path), threads=job.threads, optimization="all")
+        session = make_session(str(onnx_tmp), threads=job.threads, optimization="all")
         extra_sessions["exact"] = exact
         check_runtime = ("onnxruntime, all graph optimizations (its fused integer kernels); agreement_exact: "
                          "integer-exact evaluation of the same graph vs the float fake-quant model")
     if val_set is not None:
-        from dfq.pipeline.data import iterate_images
-
         batches = iterate_images(val_set, 100, limit=job.val_limit)
         data_name = str(job.val)
     else:
@@ -373,8 +415,6 @@ def run_export(job: ExportJob, *, log=print) -> dict:
         # agreement is measured against the fake-quant model evaluated in ORT's integer
         # arithmetic (exact accumulation, float32 requantization as its fused kernels do it): the
         # float model rounds differently near ties, which no artifact can reproduce
-        from dfq.export.ort_reference import OrtIntegerReference
-
         reference = OrtIntegerReference(qmodel)
     fidelity = compare_on_batches(loaded.model.eval(), qmodel.module.eval(), session, batches,
                                   extra_sessions=extra_sessions, reference=reference)
@@ -387,7 +427,7 @@ def run_export(job: ExportJob, *, log=print) -> dict:
     t = time.perf_counter()
     latency = []
     for b in job.latency_batches:
-        res = compare_latency(str(job.fp_onnx_path), str(job.onnx_path), batch=b, threads=job.threads,
+        res = compare_latency(str(fp_tmp), str(onnx_tmp), batch=b, threads=job.threads,
                               min_seconds=job.latency_seconds, warmup=3)
         res.update(batch=b, threads=job.threads)
         latency.append(res)
@@ -431,33 +471,45 @@ def run_export(job: ExportJob, *, log=print) -> dict:
     if failure is not None:
         # an artifact that failed its check never sits at the path a deployment would pick up
         rejected = job.onnx_path.with_name(job.onnx_path.stem + ".rejected.onnx")
-        os.replace(job.onnx_path, rejected)
+        staged.discard()
+        staged.stage(rejected, exported.qdq.SerializeToString())
         report["status"] = "rejected"
-        report["outputs"]["onnx"] = None
-        report["outputs"]["rejected_onnx"] = str(rejected)
-        failure.message += f" The ONNX was moved to {rejected} for inspection."
-    elif job.engine_path is not None:
-        from dfq.errors import EngineNotBuiltError
-        from dfq.export.tensorrt import build_engine, require_tensorrt
-
-        try:
-            require_tensorrt(job.onnx_path, job.engine_path)
-            report["engine"] = {"status": "built", **build_engine(job.onnx_path, job.engine_path,
-                                                                   input_shape=tuple(spec.input_size))}
-        except EngineNotBuiltError as exc:
-            report["engine"] = {"status": "not built", "reason": str(exc)}
-            failure = exc
-    report.setdefault("status", "ok" if failure is None else "engine not built")
+        report["outputs"].update(onnx=None, fp_onnx=None, rejected_onnx=str(rejected))
+        failure.message += f" The ONNX was written to {rejected} for inspection."
+    report.setdefault("status", "ok")
     report["wall_s"] = time.perf_counter() - t_start
-    atomic_write_bytes(job.report_path, to_json(report))
-    atomic_write_bytes(job.markdown_path, to_markdown(report).encode())
-
-    if failure is None and recipe.trains and job.checkpoint_path.exists():
-        job.checkpoint_path.unlink()   # the run finished; the artifact holds the trained model
+    staged.stage(job.report_path, to_json(report))
+    staged.stage(job.markdown_path, to_markdown(report).encode())
+    if failure is not None:
+        for stale in (job.onnx_path, job.fp_onnx_path):   # an earlier run's files (--force) would contradict the report
+            stale.unlink(missing_ok=True)
+    staged.commit(last=job.onnx_path)
+    if recipe.trains and job.checkpoint_path.exists() and failure is None:
+        job.checkpoint_path.unlink()   # the artifact is verified and holds the trained model
+    if failure is None and job.engine_path is not None:
+        failure = _build_engine(job, spec, report)
     if failure is not None:
         failure.report = report  # the CLI still prints the summary
         raise failure
     return report
+
+
+def _build_engine(job: ExportJob, spec, report: dict):
+    """Build the engine from the verified ONNX; the EngineNotBuiltError to raise where TensorRT or a
+    CUDA device is missing (the report on disk is rewritten with the engine's status either way)."""
+    failure = None
+    try:
+        require_tensorrt(job.onnx_path, job.engine_path, trtexec=trtexec_command(
+            job.onnx_path, job.engine_path, input_name="input", input_shape=tuple(spec.input_size), max_batch=32))
+        report["engine"] = {"status": "built", **build_engine(job.onnx_path, job.engine_path,
+                                                               input_shape=tuple(spec.input_size))}
+    except EngineNotBuiltError as exc:
+        report["engine"] = {"status": "not built", "reason": str(exc)}
+        report["status"] = "engine not built"
+        failure = exc
+    atomic_write_bytes(job.report_path, to_json(report))
+    atomic_write_bytes(job.markdown_path, to_markdown(report).encode())
+    return failure
 
 
 def summary_lines(report: dict) -> list[str]:

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dfq.errors import BackendUnavailableError, UnsupportedModelError, UsageError
+from dfq.common.errors import BackendUnavailableError, UnsupportedModelError, UsageError
 
 __all__ = ["SCHEMA", "BACKENDS", "Budget", "default_fp_path", "resolve_fp_path", "backend_status",
            "require_backend", "make_record", "measure", "check_min_speedup", "load_baseline",

@@ -1,52 +1,17 @@
 """``export_onnx``: write the QDQ ONNX artifact (and its FP twin for comparisons) atomically."""
 from __future__ import annotations
 
-import glob
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 
+from dfq.common.files import atomic_write_bytes
 from dfq.export.onnx_graph import EmittedGraph, emit_fp_graph
 from dfq.export.ort_rewrites import space_to_depth_stem
 from dfq.export.qdq import insert_qdq
 from dfq.pipeline.quantize import QuantizedModel
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temporary file in the same directory, fsync it, rename it into place:
-    a crash leaves either the old file or the new one, never a partial file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def remove_orphaned_temporaries(path: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files :func:`atomic_write_bytes` leaves beside ``path`` when a run is
-    killed (SIGKILL, power loss) between creating and renaming them; returns what was removed."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    removed = []
-    for tmp in parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        try:
-            tmp.unlink()
-            removed.append(tmp)
-        except FileNotFoundError:
-            pass
-    return removed
 
 
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -82,6 +47,16 @@ def build_onnx(qmodel: QuantizedModel, *, run_simplifier: bool = True) -> Export
     onnx.checker.check_model(fp, full_check=True)
     onnx.checker.check_model(qdq, full_check=True)
     return ExportedOnnx(qdq, fp, emitted, rewrites)
+
+
+def float_graph(qmodel: QuantizedModel, *, run_simplifier: bool = True) -> onnx.ModelProto:
+    """The FP32 graph of ``qmodel``'s current float weights: BN folded, no Q/DQ, checked. Emitted
+    before fine-tuning and bias correction this is the original FP model (dfq-export's FP32 twin)."""
+    fp = emit_fp_graph(qmodel).model
+    if run_simplifier:
+        fp = simplify(fp)
+    onnx.checker.check_model(fp, full_check=True)
+    return fp
 
 
 def export_onnx(qmodel: QuantizedModel, path: str | os.PathLike, *, fp_path: str | os.PathLike | None = None,

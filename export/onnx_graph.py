@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import fx, nn
 
-from dfq.errors import UnsupportedModelError
+from dfq.common.errors import UnsupportedModelError
 from dfq.kernels.fake_quant import Grid
 from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear
 from dfq.pipeline.quantize import QuantizedModel, is_passthrough

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dfq.errors import EngineNotBuiltError
+from dfq.common.errors import EngineNotBuiltError
 
 __all__ = ["tensorrt_status", "require_tensorrt", "trtexec_command", "onnx_input_shape", "convert_to_fp16",
            "build_engine", "EngineRunner", "inspect_engine", "summarize_engine_layers"]
@@ -222,7 +222,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, input_shape:
     import onnx
     import tensorrt as trt
 
-    from dfq.export.onnx_export import atomic_write_bytes
+    from dfq.common.files import atomic_write_bytes
 
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise ValueError(f"need 1 <= min_batch <= opt_batch <= max_batch, got {min_batch}, {opt_batch}, {max_batch}")

@@ -16,7 +16,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from dfq.errors import DataError
+from dfq.common.errors import DataError
 
 from .models import ModelSpec
 

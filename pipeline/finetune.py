@@ -39,7 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfq import distributed as D
-from dfq.errors import CheckpointError
+from dfq.common.errors import CheckpointError
+from dfq.common.files import atomic_write_bytes
+from dfq.common.progress import progress as progress_bar
 from dfq.kernels.attention import attention_centre, attention_map
 from dfq.pipeline import losses as L
 from dfq.pipeline.discriminators import BNStatsDiscriminator, DiscrepancyDiscriminator, importance_prior
@@ -573,8 +575,6 @@ def checkpoint_fingerprint(**identity) -> str:
 
 
 def save_checkpoint(path: Path, state: dict, fingerprint: str) -> None:
-    from dfq.export.onnx_export import atomic_write_bytes
-
     buf = io.BytesIO()
     torch.save({"fingerprint": fingerprint, **state}, buf)
     payload = buf.getvalue()
@@ -623,10 +623,7 @@ def finetune(teacher: nn.Module, qmodel: QuantizedModel, recipe: Recipe, cfg: Fi
         log(f"[dfq] resumed fine-tuning at step {tuner.step}/{cfg.steps} from {checkpoint}")
     bar = None
     if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=tuner.step, desc=f"finetune {recipe.name}", unit="step",
-                   dynamic_ncols=True)
+        bar = progress_bar(cfg.steps, f"finetune {recipe.name}", initial=tuner.step)
     t0 = time.perf_counter()
     last_save = t0
     start_step = tuner.step

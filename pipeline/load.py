@@ -2,7 +2,7 @@
 
 Checkpoints are only ever read with ``torch.load(path, map_location="cpu", weights_only=True)``:
 a pickle that would run code (a pickled model object, ``os.system`` in ``__reduce__`` ...) is
-refused, never executed. Every failure a user can cause becomes a :mod:`dfq.errors` exception
+refused, never executed. Every failure a user can cause becomes a :mod:`dfq.common.errors` exception
 whose message says what is wrong and what to do.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dfq.errors import ArchitectureError, CheckpointError, UnsupportedModelError
+from dfq.common.errors import ArchitectureError, CheckpointError, UnsupportedModelError
 
 from .models import ModelSpec, get_spec, infer_arch, list_archs
 

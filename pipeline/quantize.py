@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from dfq.errors import UnsupportedModelError
+from dfq.common.errors import UnsupportedModelError
 from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear
 
 Target = Literal["onnxruntime", "tensorrt"]

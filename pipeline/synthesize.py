@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfq.common.progress import progress as progress_bar
 from dfq.pipeline.models import is_small_input
 
 __all__ = [
@@ -433,10 +434,8 @@ def synthesize_batches(model: nn.Module, input_size: tuple[int, int, int],
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
         mine = sum(1 for b in range(start_batch, config.num_batches) if b % world == rank)
-        bar = tqdm(total=mine * config.steps, unit="step",
-                   desc="synthesize[bns]", dynamic_ncols=True)
+        bar = progress_bar(mine * config.steps, "synthesize[bns]")
     try:
         for b in range(start_batch, config.num_batches):
             if b % world != rank:

@@ -109,9 +109,10 @@ def test_unsupported_bits(tmp_path, capsys, r20_weights):
     assert code == 2 and "--bits 3" in err
 
 
-def test_output_directory_missing(tmp_path, capsys, r20_weights):
-    code, err = _run(tmp_path, capsys, [_ckpt(tmp_path, r20_weights)], out="nope/out.onnx")
-    assert code == 6 and "does not exist" in err
+def test_created_output_directory_is_removed_when_the_run_fails(tmp_path, capsys):
+    # dfq creates missing output directories; a run that fails before writing removes them again
+    code, err = _run(tmp_path, capsys, [str(tmp_path / "nope.pth")], out="new/sub/out.onnx")
+    assert code == 3 and "does not exist" in err
 
 
 def test_output_parent_is_a_file(tmp_path, capsys, r20_weights):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dfq import bench_cli, build_cli
-from dfq.errors import BackendUnavailableError, EngineNotBuiltError, SpeedupError, UsageError, VerificationError
+from dfq.common.errors import BackendUnavailableError, EngineNotBuiltError, SpeedupError, UsageError, VerificationError
 from dfq.export import bench
 from dfq.export import tensorrt as trt_mod
 from dfq.export.bench import (RECORD_FIELDS, SCHEMA, check_min_speedup, compare_to_baseline, default_fp_path,

@@ -10,7 +10,7 @@ import torch
 
 from dfq.cli import main
 from dfq.job import ExportJob
-from dfq.errors import OutputError, UsageError
+from dfq.common.errors import OutputError, UsageError
 
 
 def test_bits_outside_supported_is_usage_error(tmp_path, capsys):
@@ -36,9 +36,26 @@ def test_existing_output_needs_force(tmp_path):
     ExportJob(model="m.pth", out=str(tmp_path / "x.onnx"), force=True).check_outputs()
 
 
-def test_missing_output_directory(tmp_path):
-    with pytest.raises(OutputError, match="does not exist"):
-        ExportJob(model="m.pth", out=str(tmp_path / "nope" / "x.onnx")).check_outputs()
+def test_missing_output_directories_are_created(tmp_path):
+    created = ExportJob(model="m.pth", out=str(tmp_path / "a" / "b" / "x.onnx")).check_outputs()
+    assert (tmp_path / "a" / "b").is_dir() and created == [tmp_path / "a" / "b", tmp_path / "a"]
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputError, match="afile"):
+        ExportJob(model="m.pth", out=str(tmp_path / "afile" / "x.onnx")).check_outputs()
+
+
+def test_engine_output_selects_the_tensorrt_flavour():
+    assert ExportJob(model="m.pth", out="r18.engine").target == "tensorrt"
+    assert ExportJob(model="m.pth", out="r18.plan").target == "tensorrt"
+    assert ExportJob(model="m.pth", out="r18.onnx").target == "onnxruntime"
+    with pytest.raises(UsageError, match="TensorRT cannot build"):
+        ExportJob(model="m.pth", out="r18.engine", target="onnxruntime")
+
+
+def test_engine_output_with_onnxruntime_target_exits_2(tmp_path, capsys):
+    code = main([str(tmp_path / "m.pth"), "--target", "onnxruntime", "--out", str(tmp_path / "x.engine")])
+    assert code == 2 and "--target onnxruntime" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_engine_paths():
@@ -85,7 +102,7 @@ def test_end_to_end_export_writes_verified_artifacts(tmp_path, target):
 
 
 def test_engine_without_tensorrt_writes_onnx_and_explains(tmp_path):
-    from dfq.errors import EngineNotBuiltError
+    from dfq.common.errors import EngineNotBuiltError
     from dfq.export.tensorrt import tensorrt_status
     from dfq.job import run_export
 
@@ -139,7 +156,7 @@ def test_artifact_failing_its_check_is_moved_aside(tmp_path, monkeypatch):
     # a verification failure (here: an agreement threshold no artifact can meet) exits 8, keeps the
     # report that says why, and leaves nothing at the ONNX path a deployment would pick up
     import dfq.job
-    from dfq.errors import VerificationError
+    from dfq.common.errors import VerificationError
 
     monkeypatch.setattr(dfq.job, "MIN_AGREEMENT", 1.01)
     with pytest.raises(VerificationError) as err:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dfq.errors import DataError
+from dfq.common.errors import DataError
 from dfq.pipeline.data import eval_transform, image_folder, iterate_images
 from dfq.pipeline.models import get_spec
 

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from dfq.errors import CheckpointError
+from dfq.common.errors import CheckpointError
 from dfq.kernels.attention import attention_centre
 from dfq.pipeline.calibrate import calibrate
 from dfq.pipeline.discriminators import (BNStatsDiscriminator, DiscrepancyDiscriminator, group_stats,

@@ -5,16 +5,27 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 DRIVER = r"""
-import json, sys, torch
+import json, os, signal, sys, torch
 torch.set_num_threads(1)
+import dfq.common.files as files
 from dfq.job import ExportJob, run_export
 args = json.loads(sys.argv[1])
+if args["kill_in_write"]:
+    # a real SIGKILL at a fixed point, not a timed race: halfway through that many-th file write
+    # (a fine-tuning checkpoint; one is written every step here), its temporary file half written
+    write, writes = files._write_and_sync, []
+    def write_then_die(fd, data):
+        writes.append(1)
+        if len(writes) == args["kill_in_write"]:
+            os.write(fd, data[: len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+        write(fd, data)
+    files._write_and_sync = write_then_die
 job = ExportJob(model=args["model"], out=args["out"], method="acq", bits=4, threads=1, latency_seconds=0.05,
                 progress=False, resume=args["resume"], force=args["force"],
                 synth_overrides={"num_images": 24, "batch_size": 24, "steps": 2},
@@ -34,9 +45,9 @@ def _checkpoint(tmp_path):
     return path
 
 
-def _cmd(model, out, resume=False, force=False):
+def _cmd(model, out, resume=False, force=False, kill_in_write=0):
     return [sys.executable, "-c", DRIVER, json.dumps({"model": str(model), "out": str(out), "resume": resume,
-                                                       "force": force})]
+                                                       "force": force, "kill_in_write": kill_in_write})]
 
 
 def test_sigkill_during_finetuning_then_resume_gives_identical_onnx(tmp_path):
@@ -48,22 +59,12 @@ def test_sigkill_during_finetuning_then_resume_gives_identical_onnx(tmp_path):
     subprocess.run(_cmd(model, ref_dir / "m.onnx"), check=True, env=env, capture_output=True)
 
     ckpt = run_dir / "m.finetune.ckpt"
-    proc = subprocess.Popen(_cmd(model, run_dir / "m.onnx"), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    deadline = time.time() + 300
-    # kill once the run has checkpointed a few steps in (a checkpoint is written every step here)
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt.exists() and ckpt.stat().st_size > 0:
-            time.sleep(1.0)
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stdout.read().decode()[-2000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    killed = subprocess.run(_cmd(model, run_dir / "m.onnx", kill_in_write=12), env=env, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout.decode()[-2000:] + killed.stderr.decode()[-2000:]
     assert ckpt.exists() and not (run_dir / "m.onnx").exists()
-    # a kill during a checkpoint write may leave its temporary file (never a partial checkpoint);
+    # the kill left the half-written temporary file beside the intact checkpoint of the step before;
     # the next run of the command removes it
+    assert [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
 
     # the same command without --resume refuses to clobber the checkpoint
     again = subprocess.run(_cmd(model, run_dir / "m.onnx"), env=env, capture_output=True, text=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from dfq.errors import ArchitectureError, CheckpointError, UnsupportedModelError
+from dfq.common.errors import ArchitectureError, CheckpointError, UnsupportedModelError
 from dfq.pipeline.load import LoadedModel, has_batchnorm, load_checkpoint, load_model
 from dfq.pipeline.models import get_spec
 

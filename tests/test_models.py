@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from dfq.errors import ArchitectureError
+from dfq.common.errors import ArchitectureError
 from dfq.pipeline.models import ModelSpec, get_spec, infer_arch, list_archs
 from dfq.pipeline.models.efficientnet_lite import round_filters, same_padding, stage_repeats
 

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from dfq.errors import CheckpointError, DfqError
+from dfq.common.errors import CheckpointError, DfqError
 from dfq.export.exact import exact_integer_graph
 from dfq.export.onnx_export import build_onnx
 from dfq.export.rules import tensorrt_violations

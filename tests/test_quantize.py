@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from dfq.errors import UnsupportedModelError
+from dfq.common.errors import UnsupportedModelError
 from dfq.pipeline.calibrate import bias_correct, calibrate
 from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear, fold_bn_into_conv
 from dfq.pipeline.quantize import QuantConfig, quantize

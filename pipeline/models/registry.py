@@ -18,7 +18,7 @@ from typing import Callable
 
 from torch import nn
 
-from dfq.errors import ArchitectureError
+from dfq.common.errors import ArchitectureError
 
 from .cifar_resnet import CIFAR_RESNET_DEPTHS, cifar_resnet
 from .efficientnet_lite import LITE_PARAMS, efficientnet_lite
