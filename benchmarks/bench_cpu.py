@@ -30,7 +30,8 @@ from latency import build_model  # noqa: E402
 
 from dfq.export.onnx_export import export_onnx  # noqa: E402
 from dfq.pipeline.calibrate import calibrate  # noqa: E402
-from dfq.pipeline.quantize import QuantConfig, quantize  # noqa: E402
+from dfq.export.targets import get_target  # noqa: E402
+from dfq.pipeline.quantize import quantize  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             for bits in args.bits:
                 t0 = time.perf_counter()
-                qm = quantize(model, QuantConfig(bits=bits, target="onnxruntime"), calib[:2])
+                qm = quantize(model, get_target("onnxruntime").quant_config(bits=bits), calib[:2])
                 calibrate(qm, calib, batch_size=8)
                 q_path = Path(tmp) / f"{name}-w{bits}a{bits}.onnx"
                 export_onnx(qm, q_path, fp_path=q_path.with_name(q_path.stem + ".fp32.onnx"))

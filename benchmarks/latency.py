@@ -27,8 +27,9 @@ from dfq.export.onnx_export import export_onnx  # noqa: E402
 from dfq.export.ort_runtime import compare_latency  # noqa: E402
 from dfq.pipeline.calibrate import calibrate  # noqa: E402
 from dfq.pipeline.models import get_spec  # noqa: E402
-from dfq.pipeline.quantize import QuantConfig, quantize  # noqa: E402
-from dfq.report import command_line, git_commit, machine_info  # noqa: E402
+from dfq.export.targets import get_target  # noqa: E402
+from dfq.pipeline.quantize import quantize  # noqa: E402
+from dfq.common.provenance import command_line, git_commit, machine_info  # noqa: E402
 
 REAL_WEIGHTS = {"resnet20": "models/cifar10/resnet20-12fca82f.th",
                 "resnet56": "models/cifar10/resnet56-4bfd9763.th",
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
             peer_path = None
             for bits in args.bits:
                 t0 = time.perf_counter()
-                qm = quantize(model, QuantConfig(bits=bits, target="onnxruntime"), calib[:2])
+                qm = quantize(model, get_target("onnxruntime").quant_config(bits=bits), calib[:2])
                 calibrate(qm, calib, batch_size=8)
                 q_path = tmp / f"w{bits}.onnx"
                 export_onnx(qm, q_path, fp_path=fp_path)

@@ -1,18 +1,23 @@
 """dfq: data-free quantization of CNNs to deployable integer models.
 
-One verb per stage, each a plain function over a model and a config dataclass::
+One verb per stage, each a plain function over a model and a config dataclass; ``dfq-export`` runs
+the same functions in the same order (:mod:`dfq.stages`)::
 
-    from dfq import (load_model, synthesize, SynthConfig, quantize, QuantConfig, calibrate, bias_correct,
-                     export_onnx, OrtIntegerReference)
-    loaded = load_model("resnet20.th")
-    images, labels = synthesize(loaded.model, loaded.spec.input_size, loaded.spec.mean, loaded.spec.std,
-                                loaded.spec.num_classes, SynthConfig.for_budget("fast", loaded.spec.input_size))
-    qmodel = quantize(loaded.model, QuantConfig(bits=8, target="onnxruntime"), images[:2])
-    calibrate(qmodel, images)
-    bias_correct(qmodel, images)
-    export_onnx(qmodel, "resnet20.onnx")
-    reference = OrtIntegerReference(qmodel)   # the same model in ONNX Runtime's integer arithmetic
+    import dfq
+    loaded = dfq.load_model("resnet20.th")
+    spec = loaded.spec
+    images, labels = dfq.synthesize(loaded.model, spec.input_size, spec.mean, spec.std, spec.num_classes,
+                                    dfq.SynthConfig.for_budget("fast", spec.input_size))
+    target = dfq.get_target("onnxruntime")                 # or "tensorrt"
+    qmodel = dfq.quantize(loaded.model, target.quant_config(bits=8), images[:2])
+    dfq.calibrate(qmodel, images)
+    dfq.bias_correct(qmodel, images)
+    dfq.export_onnx(qmodel, "resnet20.onnx")
+    fidelity = dfq.verify_artifact(loaded.model, qmodel, "resnet20.onnx", target,
+                                   dfq.tensor_batches(images[-64:], 32), threads=2)
 
+``dfq.finetune`` (with a recipe from ``dfq.RECIPES``) fine-tunes between calibration and bias
+correction; ``dfq.build_engine`` builds a TensorRT engine from a tensorrt-target ONNX.
 Names are imported lazily so ``import dfq`` stays cheap.
 """
 from __future__ import annotations
@@ -29,15 +34,21 @@ _EXPORTS = {
     "SynthConfig": "dfq.pipeline.synthesize",
     "quantize": "dfq.pipeline.quantize",
     "QuantConfig": "dfq.pipeline.quantize",
-    "PRESETS": "dfq.pipeline.quantize",
     "calibrate": "dfq.pipeline.calibrate",
-    "bias_correct": "dfq.pipeline.calibrate",
-    "OrtIntegerReference": "dfq.export.ort_reference",
+    "finetune": "dfq.pipeline.finetune",
+    "FinetuneConfig": "dfq.pipeline.finetune",
+    "RECIPES": "dfq.pipeline.recipes",
+    "bias_correct": "dfq.pipeline.bias_correction",
+    "get_target": "dfq.export.targets",
+    "target_names": "dfq.export.targets",
     "export_onnx": "dfq.export.onnx_export",
+    "verify_artifact": "dfq.export.check",
+    "tensor_batches": "dfq.export.check",
+    "compare_latency": "dfq.export.ort_runtime",
+    "OrtIntegerReference": "dfq.export.ort_reference",
     "build_engine": "dfq.export.tensorrt",
-    "tensorrt_violations": "dfq.export.rules",
     "ExportJob": "dfq.job",
-    "run_export": "dfq.job",
+    "run_export": "dfq.run",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

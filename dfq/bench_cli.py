@@ -15,7 +15,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from dfq.common.errors import DfqError
+from dfq.common.errors import DfqError, OutputError, SpeedupError, UsageError
+from dfq.common.files import atomic_write_bytes
+from dfq.export.bench import BACKENDS, Budget, format_checks, format_table, run_bench
+from dfq.report import to_json
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -29,8 +32,6 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dfq.export.bench import BACKENDS
-
     p = argparse.ArgumentParser(
         prog="dfq-bench",
         description="Measure a quantized ONNX and its FP counterpart in the same run (interleaved) on one or "
@@ -65,9 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        from dfq.common.errors import OutputError, SpeedupError, UsageError
-        from dfq.export.bench import Budget, format_checks, format_table, run_bench
-
         if args.max_regression is not None and args.baseline is None:
             raise UsageError("--max-regression compares against a previous result: give it with --baseline OLD.json.")
         if args.iterations is not None:
@@ -81,9 +79,6 @@ def main(argv: list[str] | None = None) -> int:
                            command=" ".join(shlex.quote(a) for a in ["dfq-bench", *argv]),
                            log=lambda m: print(m, file=sys.stderr))
         if args.out:
-            from dfq.common.files import atomic_write_bytes
-            from dfq.report import to_json
-
             out = Path(args.out)
             try:
                 out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,12 +13,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from dfq.common.errors import DfqError
+from dfq.bench_cli import _shape
+from dfq.common.errors import DfqError, OutputError, UnsupportedModelError, UsageError
+from dfq.export.tensorrt import (build_engine, inspect_engine, onnx_input_shape, require_tensorrt,
+                                trtexec_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dfq.bench_cli import _shape
-
     p = argparse.ArgumentParser(
         prog="dfq-build",
         description="Build a strongly typed TensorRT engine from an ONNX (dfq-export's QDQ model, or its FP twin "
@@ -44,9 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from dfq.common.errors import OutputError, UnsupportedModelError, UsageError
-        from dfq.export.tensorrt import build_engine, onnx_input_shape, require_tensorrt, trtexec_command
-
         model, out = Path(args.model), Path(args.out)
         if not model.is_file():
             raise UsageError(f"The ONNX model {model} does not exist.")
@@ -86,7 +84,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"engine: {out} ({report['bytes'] / 2**20:.1f} MiB, TensorRT {report['tensorrt']}, batch "
               f"{report['min_batch']}..{report['opt_batch']}..{report['max_batch']}, {report['precision']})")
         try:
-            from dfq.export.tensorrt import inspect_engine
 
             layers = inspect_engine(out)
             print(f"layers: {len(layers['layers'])}, reading INT8: {layers['int8_layers']}")

@@ -1,6 +1,6 @@
 """``dfq-export``: a trained CNN checkpoint in, a verified QDQ ONNX (and TensorRT engine) out.
 
-The CLI only parses arguments and calls :func:`dfq.job.run_export`. Errors a user can cause
+The CLI only parses arguments and calls :func:`dfq.run.run_export`. Errors a user can cause
 print one paragraph (no traceback unless ``--debug``) and exit with the code of their class
 (see ``dfq.common.errors`` and the README's exit-code table).
 """
@@ -10,7 +10,12 @@ import argparse
 import os
 import sys
 
-from dfq.common.errors import DfqError
+from dfq.common import distributed
+from dfq.common.errors import DfqError, UsageError
+from dfq.export.targets import target_names
+from dfq.job import ExportJob
+from dfq.run import run_export
+from dfq.pipeline.models import list_archs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "weights_only=True")
     p.add_argument("--arch", help="architecture name (default: inferred from the file name); see --list-archs")
     p.add_argument("--bits", type=int, default=8, help="WnAn bit width: 8 or 4 (default 8)")
-    p.add_argument("--target", choices=["onnxruntime", "tensorrt"],
+    p.add_argument("--target", choices=target_names(),
                    help="artifact flavour; fixes activation grids and Q/DQ placement (default: tensorrt for an "
                         ".engine/.plan output, else onnxruntime)")
     p.add_argument("--out", required=False, help="output .onnx, or .engine/.plan (the .onnx is written beside it)")
@@ -52,8 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPUs with VNNI; AVX2-only CPUs saturate)")
     p.add_argument("--residual-bits", type=int, choices=(4, 8),
                    help="bits of tensors only residual Adds read (conv outputs before an Add); every conv "
-                        "still reads --bits-bit inputs (default 8: free on both targets' 8-bit adds, and at W4A4 the 4-bit "
-                        "residual branch cost ResNet-20 1.3 points even with real images)")
+                        "still reads --bits-bit inputs (default 8: the runtimes add on 8-bit kernels anyway)")
     p.add_argument("--keep-8bit", action="append", metavar="PATTERN", dest="keep_8bit",
                    help="with --bits 4: also keep the conv/linear layers whose module name matches this glob at 8 "
                         "bits (repeatable; added to the default first-conv/last-linear policy; 'none' drops that "
@@ -80,18 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.list_archs:
-            from dfq.pipeline.models import list_archs
-
             print("\n".join(list_archs()))
             return 0
-        from dfq.common.errors import UsageError
-
         if not args.model:
             raise UsageError("a checkpoint path is required: dfq-export MODEL --out OUT.onnx")
         if not args.out:
             raise UsageError("--out is required: the path of the .onnx (or .engine) to write.")
-        from dfq.job import ExportJob, run_export, summary_lines
-
         for flag, value in (("--batch", args.batch), ("--synth-images", args.synth_images),
                             ("--synth-steps", args.synth_steps)):
             least = {"--batch": 2, "--synth-images": 16, "--synth-steps": 1}[flag]
@@ -116,18 +114,14 @@ def main(argv: list[str] | None = None) -> int:
                         latency_batches=tuple(args.latency_batches or (1,)), progress=not args.no_progress,
                         synth_overrides=synth, finetune_overrides=tune)
         report = run_export(job, log=lambda msg: print(msg, file=sys.stderr))
-        if report.get("kind") == "dfq-export-worker":   # a torchrun rank other than 0
-            return 0
-        for line in summary_lines(report):
+        for line in report.summary_lines() if report is not None else ():   # None: a torchrun rank other than 0
             print(line)
         return 0
     except DfqError as exc:
         if args.debug:
             raise
         if getattr(exc, "report", None) is not None:
-            from dfq.job import summary_lines
-
-            for line in summary_lines(exc.report):
+            for line in exc.report.summary_lines():
                 print(line)
         print(f"dfq-export: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -135,8 +129,6 @@ def main(argv: list[str] | None = None) -> int:
         print("dfq-export: interrupted", file=sys.stderr)
         return 130
     finally:
-        from dfq import distributed
-
         distributed.shutdown(distributed.current())
 
 

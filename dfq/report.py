@@ -1,121 +1,104 @@
-"""Run reports: provenance (command, commit, machine, versions) and JSON/Markdown rendering."""
+"""The report of one ``dfq-export`` run: a typed record, written as JSON and as Markdown.
+
+The JSON carries ``schema`` (:data:`SCHEMA`); its sections are the stages' own results
+(``synthesis``, ``quant``, ``calibration``, ``finetune``, ``fidelity``, ``latency`` ...), each written
+by the stage that produced it (:mod:`dfq.stages`).
+"""
 from __future__ import annotations
 
 import json
-import os
-import platform
-import subprocess
-import sys
-from pathlib import Path
+from dataclasses import asdict, dataclass
+
+SCHEMA = "dfq-export/2"
 
 
-def git_commit() -> str:
-    """The dfq source tree's commit (with ``-dirty`` when it has uncommitted changes), else the
-    installed version."""
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True,
-                                text=True, timeout=5, check=True).stdout.strip()
-        # benchmark result files change while benchmarks run; they are not source
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
-                                ":(exclude,top)benchmarks/results"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except Exception:  # noqa: BLE001 - not a checkout
-        from importlib.metadata import version
-
-        try:
-            return "dfq-" + version("dfq")
-        except Exception:  # noqa: BLE001
-            return "unknown"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> list[str]:
-    """The CPU features that decide int8 speed on ONNX Runtime (VNNI doubles int8 throughput)."""
-    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in wanted if f in have]
-    except OSError:
-        pass
-    return []
-
-
-def machine_info() -> dict:
-    import onnx
-    import onnxruntime
-    import torch
-
-    return {
-        "cpu": cpu_name(),
-        "cores": os.cpu_count(),
-        "cpu_flags": cpu_flags(),
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-
-
-def command_line() -> str:
-    import shlex
-
-    return " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name] + sys.argv[1:])
-
-
-def to_json(report: dict) -> bytes:
-    return (json.dumps(report, indent=2, sort_keys=False, default=str) + "\n").encode()
+def to_json(record: dict) -> bytes:
+    return (json.dumps(record, indent=2, sort_keys=False, default=str) + "\n").encode()
 
 
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
-def to_markdown(r: dict) -> str:
-    """A short human summary of an export report."""
-    lines = [f"# dfq export: {r['model']['arch']} {r['quant']['name']} ({r['quant']['target']})", ""]
-    lines.append(f"- command: `{r['command']}`")
-    lines.append(f"- commit: `{r['commit']}`, machine: {r['machine']['cpu']} ({r['machine']['cores']} cores)")
-    lines.append(f"- artifact: `{r['outputs']['onnx']}` (FP32 twin: `{r['outputs']['fp_onnx']}`)")
-    lines.append(f"- synthetic data: method `{r['synthesis']['method']}`, {r['synthesis']['num_images']} images, "
-                 f"{r['synthesis']['seconds']:.0f} s")
-    lines.append(f"- calibration: `{r['calibration']['method']}` (KL by method: "
-                 + ", ".join(f"{k} {v:.4g}" for k, v in r["calibration"]["kl_by_method"].items()) + ")")
-    lines.append(f"- numerics: {r['quant']['numerics']}")
-    lines.append(f"- layers kept at 8 bits: {', '.join(r['quant']['layers_at_8bit']) or 'none'}")
-    lines.append(f"- wall time: {r['wall_s']:.0f} s")
-    lines.append("")
-    f = r["fidelity"]
-    lines.append("| check | value |")
-    lines.append("| --- | --- |")
-    lines.append(f"| images ({f['data']}) | {f['images']} |")
-    lines.append(f"| agreement exported ONNX vs {f.get('reference', 'fake-quant model')} (top-1) | {_pct(f['agreement'])} |")
-    if "agreement_float_fakequant" in f:
-        lines.append(f"| agreement exported ONNX vs fake-quant model (float) (top-1) | {_pct(f['agreement_float_fakequant'])} |")
-    lines.append(f"| max / mean abs logit diff | {f['max_abs_logit_diff']:.4g} / {f['mean_abs_logit_diff']:.3g} |")
-    lines.append(f"| agreement exported ONNX vs FP (top-1) | {_pct(f['agreement_with_fp'])} |")
-    if "top1_fp" in f:
-        lines.append(f"| top-1 FP / fake-quant / exported | {_pct(f['top1_fp'])} / {_pct(f['top1_fakequant'])} / "
-                     f"{_pct(f['top1_int'])} |")
-        lines.append(f"| drop (points) | {f['top1_drop_points']:.2f} |")
-    for lat in r.get("latency", []):
-        lines.append(f"| ORT latency batch {lat['batch']}, {lat['threads']} threads: FP32 / quantized median | "
-                     f"{lat['fp']['median_ms']:.2f} / {lat['int']['median_ms']:.2f} ms ({lat['speedup']:.2f}x) |")
-    if r.get("engine"):
-        lines.append(f"| TensorRT engine | {r['engine'].get('status')} |")
-    lines.append("")
-    return "\n".join(lines)
+@dataclass
+class ExportReport:
+    command: str
+    commit: str
+    machine: dict
+    job: dict
+    model: dict                  # arch, spec, source (path, sha256, format)
+    synthesis: dict              # BN-inversion set: config, size, seconds
+    quant: dict                  # config, numerics, per-layer bits, activation quantizers
+    calibration: dict            # range rule kept, KL per rule, bias correction
+    finetune: dict               # recipe, schedule, result, held-out KL before/after, what was exported
+    graph_rewrites: dict[str, list[str]]
+    rule_violations: list[str]   # the target's static rules (TensorRT's Q/DQ rules for tensorrt)
+    fidelity: dict               # agreement with the reference, logit differences, top-1 with --val
+    latency: list[dict]
+    outputs: dict
+    timings_s: dict[str, float]
+    status: str = "ok"           # ok | rejected | engine not built
+    wall_s: float = 0.0
+    engine: dict | None = None
+    kind: str = "dfq-export"
+    schema: str = SCHEMA
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> bytes:
+        return to_json(self.to_dict())
+
+    def to_markdown(self) -> str:
+        """A short human summary."""
+        q, f = self.quant, self.fidelity
+        lines = [f"# dfq export: {self.model['arch']} {q['name']} ({q['target']})", "",
+                 f"- command: `{self.command}`",
+                 f"- commit: `{self.commit}`, machine: {self.machine['cpu']} ({self.machine['cores']} cores)",
+                 f"- artifact: `{self.outputs['onnx']}` (FP32 twin: `{self.outputs['fp_onnx']}`), status {self.status}",
+                 f"- synthetic data: method `{self.synthesis['method']}`, {self.synthesis['num_images']} images, "
+                 f"{self.synthesis['seconds']:.0f} s",
+                 f"- calibration: `{self.calibration['method']}` (KL by method: "
+                 + ", ".join(f"{k} {v:.4g}" for k, v in self.calibration["kl_by_method"].items()) + ")",
+                 f"- numerics: {q['numerics']}",
+                 f"- layers kept at 8 bits: {', '.join(q['layers_at_8bit']) or 'none'}",
+                 f"- wall time: {self.wall_s:.0f} s", "",
+                 "| check | value |", "| --- | --- |",
+                 f"| images ({f['data']}) | {f['images']} |",
+                 f"| agreement exported ONNX vs {f.get('reference', 'fake-quant model')} (top-1) | {_pct(f['agreement'])} |"]
+        if "agreement_float_fakequant" in f:
+            lines.append(f"| agreement exported ONNX vs fake-quant model (float) (top-1) | "
+                         f"{_pct(f['agreement_float_fakequant'])} |")
+        lines.append(f"| max / mean abs logit diff | {f['max_abs_logit_diff']:.4g} / {f['mean_abs_logit_diff']:.3g} |")
+        lines.append(f"| agreement exported ONNX vs FP (top-1) | {_pct(f['agreement_with_fp'])} |")
+        if "top1_fp" in f:
+            lines.append(f"| top-1 FP / fake-quant / exported | {_pct(f['top1_fp'])} / {_pct(f['top1_fakequant'])} / "
+                         f"{_pct(f['top1_int'])} |")
+            lines.append(f"| drop (points) | {f['top1_drop_points']:.2f} |")
+        for lat in self.latency:
+            lines.append(f"| {lat['backend']} latency batch {lat['batch']}, {lat['threads']} threads: FP32 / quantized "
+                         f"median | {lat['fp_ms']:.2f} / {lat['int_ms']:.2f} ms ({lat['speedup']:.2f}x) |")
+        if self.engine:
+            lines.append(f"| TensorRT engine | {self.engine.get('status')} |")
+        return "\n".join(lines + [""])
+
+    def summary_lines(self) -> list[str]:
+        """What the CLI prints at the end of a run."""
+        f = self.fidelity
+        if self.status == "rejected":
+            lines = [f"[dfq] REJECTED: the artifact failed its check and was written to "
+                     f"{self.outputs.get('rejected_onnx')} ({self.quant['name']}, target {self.quant['target']})"]
+        else:
+            lines = [f"[dfq] wrote {self.outputs['onnx']} ({self.quant['name']}, target {self.quant['target']})"]
+        lines.append(f"[dfq] agreement with the {f.get('reference', 'fake-quant model')}: {100 * f['agreement']:.2f}% "
+                     f"on {f['images']} {f['data']} (max |logit diff| {f['max_abs_logit_diff']:.3g})"
+                     + (f"; with the float fake-quant model {100 * f['agreement_float_fakequant']:.2f}%"
+                        if "agreement_float_fakequant" in f else ""))
+        if "top1_fp" in f:
+            lines.append(f"[dfq] top-1: FP {100 * f['top1_fp']:.2f}%  exported {100 * f['top1_int']:.2f}%  "
+                         f"(drop {f['top1_drop_points']:.2f} points)")
+        for lat in self.latency:
+            lines.append(f"[dfq] {lat['backend']} latency batch {lat['batch']} ({lat['threads']} threads): FP32 "
+                         f"{lat['fp_ms']:.2f} ms, quantized {lat['int_ms']:.2f} ms, speedup {lat['speedup']:.2f}x")
+        lines.append(f"[dfq] report: {self.outputs['report']} and {self.outputs['markdown']} ({self.wall_s:.0f} s)")
+        return lines

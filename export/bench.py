@@ -5,21 +5,13 @@ process, interleaved (FP, INT, FP, INT ... in ``rounds`` rounds, samples pooled 
 slow drift hits both alike; the figure of merit is the speedup ``fp_median / int_median``, a
 ratio that can be compared across runs and machines where absolute times cannot.
 
-Backends
---------
-* ``onnxruntime-cpu``: :func:`dfq.export.ort_runtime.compare_latency` (CPUExecutionProvider).
-* ``onnxruntime-cuda``: the same with ``CUDAExecutionProvider`` first; each run includes the
-  host-to-device copy of the input and the copy of the output back (numpy in, numpy out).
-* ``tensorrt``: two engines per batch size (profile ``1..batch``, optimised for ``batch``) from
-  the quantized ONNX as it is (strongly typed: INT8 where the Q/DQ say so) and from the FP ONNX
-  converted to FP16 (``fp_precision: "fp16"``; TensorRT 11 has no FP16 builder flag); timed
-  with :class:`dfq.export.tensorrt.EngineRunner` (GPU time per ``execute_async_v3``, input
-  already on the device). Written against the TensorRT documentation, not yet run on a GPU.
+Backends are the runtimes of :mod:`dfq.export.runtimes` (``onnxruntime-cpu`` always;
+``onnxruntime-cuda`` and ``tensorrt`` where present); each one's module says how it times.
 
 Result JSON (``schema: "dfq-bench/1"``), see docs/benchmarking.md::
 
     {"schema": "dfq-bench/1", "created_utc": "...", "command": "dfq-bench ...", "git_commit": "...",
-     "machine": {... dfq.report.machine_info() ...},
+     "machine": {... dfq.common.provenance.machine_info() ...},
      "models": {"int": {"path": ..., "sha256": ...}, "fp": {"path": ..., "sha256": ...}},
      "settings": {"backends": [...], "batches": [...], "threads": n, "warmup": n, "iterations": n|null,
                   "seconds": s|null, "rounds": 3, "input_shape": [c, h, w]|null},
@@ -34,45 +26,23 @@ count, ``null`` for TensorRT.
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import hashlib
 import json
-import math
-import tempfile
 from pathlib import Path
 
-import numpy as np
+from dfq.common.errors import UsageError
+from dfq.common.provenance import git_commit, machine_info
+from dfq.export.runtimes import Budget, get_runtime, require_runtime, runtime_names
+from dfq.export.tensorrt import onnx_input_shape
 
-from dfq.common.errors import BackendUnavailableError, UnsupportedModelError, UsageError
-
-__all__ = ["SCHEMA", "BACKENDS", "Budget", "default_fp_path", "resolve_fp_path", "backend_status",
-           "require_backend", "make_record", "measure", "check_min_speedup", "load_baseline",
-           "compare_to_baseline", "run_bench", "format_table", "format_checks"]
+__all__ = ["SCHEMA", "BACKENDS", "Budget", "default_fp_path", "resolve_fp_path", "check_min_speedup",
+           "load_baseline", "compare_to_baseline", "run_bench", "format_table", "format_checks"]
 
 SCHEMA = "dfq-bench/1"
-BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
+BACKENDS = tuple(runtime_names())
 RECORD_FIELDS = ("backend", "batch", "threads", "fp_ms", "int_ms", "fp_p90_ms", "int_p90_ms",
                  "fp_throughput", "int_throughput", "speedup")
-
-
-@dataclasses.dataclass
-class Budget:
-    """Timing budget per model and (backend, batch): ``iterations`` timed runs, or (when None)
-    ``seconds`` of timed runs (at most ``max_iterations``); spread over ``rounds`` rounds."""
-
-    warmup: int = 10
-    iterations: int | None = None
-    seconds: float = 3.0
-    rounds: int = 3
-    max_iterations: int = 100_000
-
-    def ort_kwargs(self) -> dict:
-        if self.iterations is not None:
-            return {"warmup": self.warmup, "iterations": self.iterations, "min_seconds": 0.0,
-                    "max_iterations": self.iterations, "rounds": self.rounds}
-        return {"warmup": self.warmup, "iterations": None, "min_seconds": self.seconds,
-                "max_iterations": self.max_iterations, "rounds": self.rounds}
 
 
 # --- inputs ---------------------------------------------------------------------------------------
@@ -105,143 +75,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-# --- backends -------------------------------------------------------------------------------------
-
-def backend_status(backend: str) -> tuple[bool, str]:
-    """(True, description) when ``backend`` can run here, else (False, what is missing)."""
-    if backend == "onnxruntime-cpu":
-        return True, "ONNX Runtime CPUExecutionProvider"
-    if backend == "onnxruntime-cuda":
-        import onnxruntime as ort
-
-        available = ort.get_available_providers()
-        if "CUDAExecutionProvider" not in available:
-            return False, (f"this ONNX Runtime build ({ort.__version__}, package onnxruntime) has no "
-                           f"CUDAExecutionProvider (available: {', '.join(available)}); install onnxruntime-gpu "
-                           "matching the machine's CUDA and cuDNN instead of onnxruntime, on a machine with an "
-                           "NVIDIA GPU")
-        return True, "ONNX Runtime CUDAExecutionProvider"
-    if backend == "tensorrt":
-        from dfq.export.tensorrt import tensorrt_status
-
-        return tensorrt_status()
-    raise UsageError(f"Unknown backend {backend!r}; choose from {', '.join(BACKENDS)}.")
-
-
-def require_backend(backend: str, model: str | Path = "MODEL.onnx") -> None:
-    """Raise :class:`BackendUnavailableError` (exit 9) naming what is missing for ``backend``."""
-    ok, why = backend_status(backend)
-    if not ok:
-        extra = ""
-        if backend == "tensorrt":
-            import shlex
-
-            engine = Path(model).with_suffix(".engine")
-            extra = (f" Run dfq-bench --backend tensorrt on a GPU machine with TensorRT; an engine alone can be "
-                     f"built there with dfq-build {shlex.quote(str(model))} --out {shlex.quote(str(engine))} "
-                     f"(or trtexec --onnx={shlex.quote(str(model))} --saveEngine={shlex.quote(str(engine))} "
-                     "--stronglyTyped).")
-        raise BackendUnavailableError(f"The {backend} backend cannot run here: {why}.{extra}")
-
-
-def _ort_providers(backend: str) -> list[str]:
-    return (["CUDAExecutionProvider", "CPUExecutionProvider"] if backend == "onnxruntime-cuda"
-            else ["CPUExecutionProvider"])
-
-
-def _check_cuda_session(int_path: Path, threads: int) -> None:
-    """ORT falls back to the CPU silently when the CUDA provider cannot start (no GPU, wrong
-    CUDA/cuDNN): refuse to report CPU numbers as CUDA ones."""
-    from dfq.export.ort_runtime import make_session
-
-    s = make_session(int_path, threads=threads, providers=_ort_providers("onnxruntime-cuda"))
-    if s.get_providers()[0] != "CUDAExecutionProvider":
-        raise BackendUnavailableError(
-            "The onnxruntime-cuda backend cannot run here: ONNX Runtime lists CUDAExecutionProvider but the "
-            f"session fell back to {s.get_providers()} (no usable NVIDIA GPU, or CUDA/cuDNN libraries that do "
-            "not match this onnxruntime-gpu build).")
-
-
-# --- measuring ------------------------------------------------------------------------------------
-
-def make_record(backend: str, batch: int, threads: int | None, fp: dict, int_: dict, *,
-                fp_precision: str = "fp32", int_precision: str = "qdq") -> dict:
-    """One result row from two latency dicts (``median_ms``, ``p90_ms``, ``iterations``)."""
-    fp_ms, int_ms = float(fp["median_ms"]), float(int_["median_ms"])
-    return {"backend": backend, "batch": int(batch), "threads": threads,
-            "fp_ms": fp_ms, "int_ms": int_ms, "fp_p90_ms": float(fp["p90_ms"]), "int_p90_ms": float(int_["p90_ms"]),
-            "fp_throughput": batch * 1e3 / fp_ms, "int_throughput": batch * 1e3 / int_ms,
-            "speedup": fp_ms / int_ms, "fp_iterations": int(fp.get("iterations", 0)),
-            "int_iterations": int(int_.get("iterations", 0)), "fp_precision": fp_precision,
-            "int_precision": int_precision}
-
-
-def _interleaved(timers: dict, budget: Budget) -> dict[str, list[float]]:
-    """compare_latency's schedule for non-ORT timers: warm both, then ``rounds`` rounds of each
-    timer in turn, each round 1/rounds of the budget after 2 re-warm runs.
-    ``timers[k](iterations, min_seconds, max_iterations, warmup) -> [seconds]``."""
-    for t in timers.values():
-        t(1, 0.0, 1, budget.warmup)
-    per_iter = None if budget.iterations is None else max(1, math.ceil(budget.iterations / budget.rounds))
-    per_cap = per_iter if per_iter is not None else max(1, budget.max_iterations // budget.rounds)
-    per_secs = 0.0 if budget.iterations is not None else budget.seconds / budget.rounds
-    times: dict[str, list[float]] = {k: [] for k in timers}
-    for _ in range(budget.rounds):
-        for k, t in timers.items():
-            times[k] += t(per_iter or 1, per_secs, per_cap, min(2, budget.warmup))
-    return times
-
-
-def _measure_tensorrt(fp_path: Path, int_path: Path, *, batch: int, budget: Budget, input_shape, workdir: Path,
-                      seed: int = 0) -> dict:
-    from dfq.export.ort_runtime import LatencyResult
-    from dfq.export.tensorrt import EngineRunner, build_engine, inspect_engine
-
-    engines = {"int": workdir / f"int_b{batch}.engine", "fp": workdir / f"fp16_b{batch}.engine"}
-    builds = {}
-    for key, src in (("int", int_path), ("fp", fp_path)):
-        try:
-            builds[key] = build_engine(src, engines[key], input_shape=input_shape, min_batch=1, opt_batch=batch,
-                                       max_batch=batch, fp16=(key == "fp"))
-        except (RuntimeError, ValueError) as exc:
-            raise UnsupportedModelError(f"TensorRT could not build an engine from {src}: {exc}") from exc
-    runners = {k: EngineRunner(v) for k, v in engines.items()}
-    x = np.random.default_rng(seed).standard_normal((batch, *input_shape), dtype=np.float32)
-    timers = {k: (lambda n, secs, cap, warm, r=r: r.time(x, n, warmup=warm, min_seconds=secs, max_iterations=cap))
-              for k, r in (("fp", runners["fp"]), ("int", runners["int"]))}
-    times = _interleaved(timers, budget)
-    res = {k: LatencyResult.from_times(v, batch=batch, threads=0).to_dict() for k, v in times.items()}
-    rec = make_record("tensorrt", batch, None, res["fp"], res["int"], fp_precision="fp16",
-                      int_precision="int8-qdq")
-    layers = inspect_engine(engines["int"])
-    rec["tensorrt"] = {"version": builds["int"]["tensorrt"], "int8_layers": layers["int8_layers"],
-                       "not_int8_compute_layers": layers["not_int8_compute"],
-                       "fp16_conversion": builds["fp"].get("fp16_conversion")}
-    return rec
-
-
-def measure(backend: str, fp_path: Path, int_path: Path, *, batch: int, threads: int, budget: Budget,
-            input_shape=None, workdir: Path | None = None) -> dict:
-    """One record (see :func:`make_record`) for ``backend`` at ``batch``."""
-    if backend in ("onnxruntime-cpu", "onnxruntime-cuda"):
-        from dfq.export.ort_runtime import compare_latency
-
-        try:
-            res = compare_latency(fp_path, int_path, batch=batch, threads=threads, input_shape=input_shape,
-                                  providers=_ort_providers(backend), **budget.ort_kwargs())
-        except ValueError as exc:  # shapes that do not fit the models
-            raise UsageError(f"Cannot time {int_path} at batch {batch}: {exc}") from exc
-        return make_record(backend, batch, threads, res["fp"], res["int"])
-    if backend == "tensorrt":
-        if workdir is None:
-            with tempfile.TemporaryDirectory(prefix="dfq_bench_trt_") as tmp:
-                return _measure_tensorrt(fp_path, int_path, batch=batch, budget=budget, input_shape=input_shape,
-                                         workdir=Path(tmp))
-        return _measure_tensorrt(fp_path, int_path, batch=batch, budget=budget, input_shape=input_shape,
-                                 workdir=workdir)
-    raise UsageError(f"Unknown backend {backend!r}; choose from {', '.join(BACKENDS)}.")
 
 
 # --- checks (pure functions) ----------------------------------------------------------------------
@@ -307,8 +140,6 @@ def compare_to_baseline(records: list[dict], baseline_records: list[dict], max_r
 def _input_shape(int_path: Path, input_shape) -> tuple[int, ...] | None:
     if input_shape is not None:
         return tuple(int(d) for d in input_shape)
-    from dfq.export.tensorrt import onnx_input_shape
-
     try:
         return onnx_input_shape(int_path)[1]
     except Exception as exc:  # noqa: BLE001 - not ONNX, several inputs ...
@@ -323,14 +154,11 @@ def run_bench(int_path: str | Path, fp_path: str | Path | None = None, *, backen
     Does not raise on failed checks: ``result["passed"]`` says; the CLI turns it into exit 8.
     Raises :class:`BackendUnavailableError` (before timing anything) for a backend that cannot
     run here, :class:`UsageError` for bad inputs."""
-    from dfq.report import git_commit, machine_info
-
     budget = budget or Budget()
     backends = list(dict.fromkeys(backends))
     batches = list(dict.fromkeys(int(b) for b in batches))
     for b in backends:
-        if b not in BACKENDS:
-            raise UsageError(f"Unknown backend {b!r}; choose from {', '.join(BACKENDS)}.")
+        get_runtime(b)   # an unknown name is a usage error
     if not batches or min(batches) < 1:
         raise UsageError(f"--batch must be >= 1, got {batches}.")
     if threads < 1:
@@ -345,30 +173,18 @@ def run_bench(int_path: str | Path, fp_path: str | Path | None = None, *, backen
     int_path = Path(int_path)
     fp_path = resolve_fp_path(int_path, fp_path)
     base = (baseline if isinstance(baseline, dict) else load_baseline(baseline)) if baseline is not None else None
-    for b in backends:  # fail before spending time on the others
-        require_backend(b, int_path)
+    runtimes = [require_runtime(b, int_path) for b in backends]  # fail before spending time on the others
     shape = _input_shape(int_path, input_shape)
-    if "tensorrt" in backends:
-        if shape is None:
-            raise UsageError(f"{int_path} has non-static input dims besides the batch; pass --input-shape C,H,W.")
-        import onnx
-
-        from dfq.export.rules import tensorrt_violations
-
-        problems = tensorrt_violations(onnx.load(str(int_path), load_external_data=False))
-        if problems:
-            raise UsageError(f"{int_path} is not a TensorRT-flavour QDQ model (export it with dfq-export --target "
-                             "tensorrt): " + "; ".join(problems[:3]) + (" ..." if len(problems) > 3 else ""))
-    if "onnxruntime-cuda" in backends:
-        _check_cuda_session(int_path, threads)
+    for runtime in runtimes:
+        runtime.preflight(int_path, threads, shape)
 
     records = []
     for backend in backends:
         for batch in batches:
             if log:
                 log(f"dfq-bench: {backend} batch {batch} ...")
-            records.append(measure(backend, fp_path, int_path, batch=batch, threads=threads, budget=budget,
-                                   input_shape=shape))
+            records.append(get_runtime(backend).measure(fp_path, int_path, batch=batch, threads=threads,
+                                                        budget=budget, input_shape=shape))
     checks = {"min_speedup": check_min_speedup(records, min_speedup) if min_speedup is not None else None,
               "baseline": None}
     if base is not None:

@@ -133,6 +133,19 @@ def compare_on_batches(fp_model: torch.nn.Module, fq_model: torch.nn.Module, ses
     return out
 
 
+def verify_artifact(fp_model: torch.nn.Module, qmodel, onnx_path, target, batches, *, threads: int) -> dict:
+    """Fidelity of the artifact at ``onnx_path`` to ``qmodel`` (and top-1 of it, the fake-quant model
+    and ``fp_model`` where ``batches`` carry labels), run and referenced as ``target`` says
+    (:meth:`dfq.export.targets.Target.verification`)."""
+    check = target.verification(qmodel, onnx_path, threads)
+    fidelity = compare_on_batches(fp_model.eval(), qmodel.module.eval(), check.session, batches,
+                                  extra_sessions=check.extra_sessions, reference=check.reference)
+    if check.reference_float_nodes is not None:
+        fidelity["reference_float_nodes"] = check.reference_float_nodes
+    fidelity["runtime"] = check.runtime
+    return fidelity
+
+
 def tensor_batches(images: torch.Tensor, batch_size: int, labels: torch.Tensor | None = None):
     for i in range(0, len(images), batch_size):
         yield images[i:i + batch_size], None if labels is None else labels[i:i + batch_size]

@@ -28,6 +28,101 @@ def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     return {o: n for n in graph.node for o in n.output}
 
 
+class _Constants:
+    """Constant tensors of a graph (initializers and Constant nodes) and who produces what."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.inits = {t.name: t for t in graph.initializer}
+        self.prod = _producers(graph)
+
+    def __call__(self, name: str) -> np.ndarray:
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        node = self.prod.get(name)
+        if node is not None and node.op_type == "Constant":
+            return numpy_helper.to_array(node.attribute[0].t)
+        raise ValueError(f"tensor {name} is not a constant")
+
+    def dq_parts(self, tensor: str):
+        """(DequantizeLinear node, its quantized input, float32 scale, zero point) or None."""
+        node = self.prod.get(tensor)
+        if node is None or node.op_type != "DequantizeLinear":
+            return None
+        zp = self(node.input[2]) if len(node.input) > 2 and node.input[2] else np.array(0)
+        return node, node.input[0], self(node.input[1]).astype(np.float32), zp
+
+
+def _integer_weight(node: onnx.NodeProto, w_parts, consts: _Constants) -> np.ndarray:
+    """The weight's integer codes minus their zero point, as float32 (exact)."""
+    w_dq, wq_name, sw, zw = w_parts
+    if wq_name not in consts.inits:
+        raise ValueError(f"{node.name}: the quantized weight {wq_name} is not an initializer")
+    wq = numpy_helper.to_array(consts.inits[wq_name]).astype(np.int64)
+    axis = next((a.i for a in w_dq.attribute if a.name == "axis"), 1)
+    if sw.size > 1 and (axis % wq.ndim) != 0:
+        raise ValueError(f"{node.name}: per-channel weight scales must be on axis 0, got {axis}")
+    shape = [-1] + [1] * (wq.ndim - 1)
+    if node.op_type == "Gemm":
+        attrs = {a.name: a for a in node.attribute}
+        trans_b = attrs["transB"].i if "transB" in attrs else 0
+        trans_a = attrs["transA"].i if "transA" in attrs else 0
+        alpha = attrs["alpha"].f if "alpha" in attrs else 1.0
+        beta = attrs["beta"].f if "beta" in attrs else 1.0
+        if not trans_b or trans_a or alpha != 1.0 or beta != 1.0:
+            raise ValueError(f"{node.name}: only Gemm(x, W^T) + b (transB=1) is supported")
+    return (wq - np.asarray(zw, dtype=np.int64).reshape(shape if np.size(zw) > 1 else [])).astype(np.float32)
+
+
+def _rewrite(node: onnx.NodeProto, x_parts, w_parts, consts: _Constants):
+    """``Conv(x_q - zp, w_q) * (s_x * s_w) + b`` for one Conv/Gemm: (new nodes, new initializers)."""
+    _, xq, sx, zx = x_parts
+    sw = w_parts[2]
+    if sx.size != 1:
+        raise ValueError(f"{node.name}: per-channel activation scales are not supported")
+    w_int = _integer_weight(node, w_parts, consts)
+    out_channels = w_int.shape[0]
+    base = node.name or node.output[0]
+    cast = f"{base}.exact_x"
+    nodes = [helper.make_node("Cast", [xq], [cast], name=cast, to=TensorProto.FLOAT)]
+    inits = []
+    x_int = cast
+    if np.any(np.asarray(zx) != 0):
+        zname = f"{base}.exact_x_zero_point"
+        inits.append(numpy_helper.from_array(np.asarray(zx, dtype=np.float32), zname))
+        x_int = f"{base}.exact_x_centered"
+        nodes.append(helper.make_node("Sub", [cast, zname], [x_int], name=x_int))
+    w_name = f"{base}.exact_w"
+    inits.append(numpy_helper.from_array(w_int, w_name))
+    acc = f"{base}.exact_acc"
+    body = onnx.NodeProto()
+    body.CopyFrom(node)
+    del body.input[:]
+    body.input.extend([x_int, w_name])
+    body.output[:] = [acc]
+    body.name = acc
+    nodes.append(body)
+    step = (np.float32(sx.reshape(())) * np.broadcast_to(sw.reshape(-1), (out_channels,))).astype(np.float32)
+    step_shape = [1, out_channels] + ([1] * (w_int.ndim - 2) if node.op_type == "Conv" else [])
+    s_name = f"{base}.exact_step"
+    inits.append(numpy_helper.from_array(step.reshape(step_shape), s_name))
+    has_bias = len(node.input) > 2 and node.input[2]
+    scaled = f"{base}.exact_scaled" if has_bias else node.output[0]
+    nodes.append(helper.make_node("Mul", [acc, s_name], [scaled], name=f"{base}.exact_mul"))
+    if has_bias:
+        b_name = f"{base}.exact_bias"
+        inits.append(numpy_helper.from_array(_bias_value(node.input[2], consts.prod, consts).reshape(step_shape), b_name))
+        nodes.append(helper.make_node("Add", [scaled, b_name], [node.output[0]], name=f"{base}.exact_add"))
+    return nodes, inits
+
+
+def _keep_used(graph: onnx.GraphProto) -> None:
+    """Drop initializers no node reads."""
+    used = {i for n in graph.node for i in n.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
 def exact_integer_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` in which quantized Conv/Gemm nodes accumulate integers exactly (see
     the module docstring). Other nodes, and Conv/Gemm nodes whose inputs are not both
@@ -36,106 +131,31 @@ def exact_integer_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    inits = {t.name: t for t in graph.initializer}
-    prod = _producers(graph)
-
-    def const(name: str) -> np.ndarray:
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        node = prod.get(name)
-        if node is not None and node.op_type == "Constant":
-            return numpy_helper.to_array(node.attribute[0].t)
-        raise ValueError(f"tensor {name} is not a constant")
-
-    def dq_parts(tensor: str):
-        node = prod.get(tensor)
-        if node is None or node.op_type != "DequantizeLinear":
-            return None
-        zp = const(node.input[2]) if len(node.input) > 2 and node.input[2] else np.array(0)
-        return node, node.input[0], const(node.input[1]).astype(np.float32), zp
-
+    consts = _Constants(graph)
     new_nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
     rewritten = 0
     for node in graph.node:
-        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2:
+        parts = (consts.dq_parts(node.input[0]), consts.dq_parts(node.input[1])) \
+            if node.op_type in ("Conv", "Gemm") and len(node.input) >= 2 else (None, None)
+        if parts[0] is None or parts[1] is None:
             new_nodes.append(node)
             continue
-        x_parts, w_parts = dq_parts(node.input[0]), dq_parts(node.input[1])
-        if x_parts is None or w_parts is None:
-            new_nodes.append(node)
-            continue
-        _, xq, sx, zx = x_parts
-        w_dq, wq_name, sw, zw = w_parts
-        if sx.size != 1:
-            raise ValueError(f"{node.name}: per-channel activation scales are not supported")
-        if wq_name not in inits:
-            raise ValueError(f"{node.name}: the quantized weight {wq_name} is not an initializer")
-        wq = numpy_helper.to_array(inits[wq_name]).astype(np.int64)
-        axis = next((a.i for a in w_dq.attribute if a.name == "axis"), 1)
-        out_channels = wq.shape[0]
-        if sw.size > 1 and (axis % wq.ndim) != 0:
-            raise ValueError(f"{node.name}: per-channel weight scales must be on axis 0, got {axis}")
-        shape = [-1] + [1] * (wq.ndim - 1)
-        w_int = (wq - np.asarray(zw, dtype=np.int64).reshape(shape if np.size(zw) > 1 else [])).astype(np.float32)
-        if node.op_type == "Gemm":
-            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-            trans_a = next((a.i for a in node.attribute if a.name == "transA"), 0)
-            alpha = next((a.f for a in node.attribute if a.name == "alpha"), 1.0)
-            beta = next((a.f for a in node.attribute if a.name == "beta"), 1.0)
-            if not trans_b or trans_a or alpha != 1.0 or beta != 1.0:
-                raise ValueError(f"{node.name}: only Gemm(x, W^T) + b (transB=1) is supported")
-        base = node.name or node.output[0]
-        # x_int = float(x_q) - zero point
-        cast = f"{base}.exact_x"
-        new_nodes.append(helper.make_node("Cast", [xq], [cast], name=cast, to=TensorProto.FLOAT))
-        x_int = cast
-        if np.any(np.asarray(zx) != 0):
-            zname = f"{base}.exact_x_zero_point"
-            new_inits.append(numpy_helper.from_array(np.asarray(zx, dtype=np.float32), zname))
-            x_int = f"{base}.exact_x_centered"
-            new_nodes.append(helper.make_node("Sub", [cast, zname], [x_int], name=x_int))
-        w_name = f"{base}.exact_w"
-        new_inits.append(numpy_helper.from_array(w_int, w_name))
-        acc = f"{base}.exact_acc"
-        body = onnx.NodeProto()
-        body.CopyFrom(node)
-        del body.input[:]
-        body.input.extend([x_int, w_name])
-        body.output[:] = [acc]
-        body.name = acc
-        new_nodes.append(body)
-        step = (np.float32(sx.reshape(())) * np.broadcast_to(sw.reshape(-1), (out_channels,))).astype(np.float32)
-        step_shape = [1, out_channels] + ([1] * (wq.ndim - 2) if node.op_type == "Conv" else [])
-        s_name = f"{base}.exact_step"
-        new_inits.append(numpy_helper.from_array(step.reshape(step_shape), s_name))
-        scaled = f"{base}.exact_scaled" if len(node.input) > 2 and node.input[2] else node.output[0]
-        new_nodes.append(helper.make_node("Mul", [acc, s_name], [scaled], name=f"{base}.exact_mul"))
-        if scaled != node.output[0]:
-            bias = _bias_value(node.input[2], prod, const)
-            b_name = f"{base}.exact_bias"
-            new_inits.append(numpy_helper.from_array(bias.reshape(step_shape), b_name))
-            new_nodes.append(helper.make_node("Add", [scaled, b_name], [node.output[0]],
-                                              name=f"{base}.exact_add"))
+        nodes, inits = _rewrite(node, *parts, consts)
+        new_nodes += nodes
+        new_inits += inits
         rewritten += 1
     if rewritten == 0:
         raise ValueError("the graph has no Conv/Gemm with dequantized inputs; nothing to evaluate exactly")
     del graph.node[:]
     graph.node.extend(new_nodes)
     graph.initializer.extend(new_inits)
-    used = {i for n in graph.node for i in n.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    # drop the now-unused weight DequantizeLinear nodes
-    live = _live_outputs(graph)
+    _keep_used(graph)
+    live = _live_outputs(graph)        # drop the now-unused weight DequantizeLinear nodes
     kept_nodes = [n for n in graph.node if any(o in live for o in n.output)]
     del graph.node[:]
     graph.node.extend(kept_nodes)
-    used = {i for n in graph.node for i in n.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    _keep_used(graph)
     return out
 
 

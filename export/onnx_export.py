@@ -6,19 +6,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
+import onnxsim
 
 from dfq.common.files import atomic_write_bytes
 from dfq.export.onnx_graph import EmittedGraph, emit_fp_graph
-from dfq.export.ort_rewrites import space_to_depth_stem
 from dfq.export.qdq import insert_qdq
+from dfq.export.targets import get_target
 from dfq.pipeline.quantize import QuantizedModel
 
 
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     """onnxsim with the batch dimension left dynamic; Q/DQ nodes are kept (onnxsim does not fold
     a weight's DequantizeLinear into float). Falls back to the input if onnxsim cannot check it."""
-    import onnxsim
-
     simplified, ok = onnxsim.simplify(model)
     return simplified if ok else model
 
@@ -33,17 +32,13 @@ class ExportedOnnx:
 
 def build_onnx(qmodel: QuantizedModel, *, run_simplifier: bool = True) -> ExportedOnnx:
     """Emit the FP graph once, insert Q/DQ from the quantizers, simplify and check both."""
+    target = get_target(qmodel.config.scheme.name)
     emitted = emit_fp_graph(qmodel)
-    qdq = insert_qdq(emitted.model, emitted.table, qmodel.config.target)
+    qdq = insert_qdq(emitted.model, emitted.table, target.qdq)
     fp = emitted.model
     if run_simplifier:
         fp, qdq = simplify(fp), simplify(qdq)
-    rewrites = {}
-    if qmodel.config.target == "onnxruntime":
-        # exact and ORT-only (TensorRT gets the plain graph); on the simplified graph, as the last change
-        qdq, stems = space_to_depth_stem(qdq)
-        if stems:
-            rewrites["space_to_depth_stem"] = stems
+    qdq, rewrites = target.rewrite(qdq)   # on the simplified graph, as the last change
     onnx.checker.check_model(fp, full_check=True)
     onnx.checker.check_model(qdq, full_check=True)
     return ExportedOnnx(qdq, fp, emitted, rewrites)

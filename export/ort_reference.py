@@ -47,7 +47,7 @@ _F32_EXACT = 2 ** 24   # integers below this are exact in float32, and so are su
 
 
 def _zero_point(grid: Grid) -> int:
-    """ORT's UINT8 zero point for a grid (see dfq.export.qdq.container)."""
+    """ORT's UINT8 zero point for a grid (see dfq.export.qdq.QDQFormat.container)."""
     return 128 if grid.signed else 0
 
 
@@ -137,8 +137,10 @@ class OrtIntegerReference(fx.Interpreter):
     """
 
     def __init__(self, qmodel: QuantizedModel) -> None:
-        if qmodel.config.target != "onnxruntime":
-            raise ValueError("the ORT integer reference needs a model built for the onnxruntime target")
+        scheme = qmodel.config.scheme
+        if not (scheme.quantize_outputs and scheme.int32_bias and scheme.unsigned_8bit_max == 255):
+            raise ValueError("the ORT integer reference needs a model built for ONNX Runtime's fused integer kernels "
+                             "(the onnxruntime target: quantized layer outputs, int32 biases, UINT8 activations)")
         super().__init__(qmodel.module)
         self.plan = _Plan(qmodel)
         self.codes: dict[fx.Node, torch.Tensor] = {}

@@ -1,10 +1,9 @@
 """Exact graph rewrites of the ONNX Runtime artifact that make its integer kernels faster.
 
-``space_to_depth_stem``: a strided conv on few input channels (the 7x7/2 stem of a ResNet reads 3
-channels) is the slowest QLinearConv of the graph per multiply-add. Measured on resnet18, batch 1,
-2 threads, AVX-512 VNNI: 16% of the integer model's time for 6.5% of its MACs (about 3.4x less
-efficient than the 3x3 convs), because MLAS's NHWC im2col copies 3 bytes per kernel tap. The
-same conv on the space-to-depth image (each ``s x s`` block of pixels as ``C*s*s`` channels) is
+``space_to_depth_stem``: a strided conv with a large kernel on few input channels (the 7x7/2 stem
+of a ResNet reads 3 channels) is the slowest QLinearConv of the graph per multiply-add, because
+MLAS's NHWC im2col copies ``C`` bytes per kernel tap (README "ONNX Runtime artifact" has the
+profile). The same conv on the space-to-depth image (each ``s x s`` block of pixels as ``C*s*s`` channels) is
 a stride-1 conv with a ``ceil((k+d)/s)`` kernel (``d``: the left shift that aligns the padding to
 the blocks) and 12 channels: more MACs (8x8 vs 7x7 taps), half the conv time. The
 ``SpaceToDepth`` runs on the UINT8 codes between the input's QuantizeLinear and DequantizeLinear
@@ -21,12 +20,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-# MLAS's im2col cost is per kernel tap and input channel group; the rewrite pays for itself where
-# the kernel is large and the channels are few. Measured (resnet18 7x7/2 stem, 3 channels): conv
-# 0.47-0.59 ms -> 0.29 ms, + 0.05 ms SpaceToDepth; whole model 2-4% faster at batch 1, same at
-# batch 32. 3x3/2 stems are left alone: rewritten, MobileNetV2 ran 3-4% slower at batch 1 and
-# EfficientNet-Lite0 10-12% faster (two interleaved runs each); no rule covers them until that
-# difference is understood.
+# MLAS's im2col cost is per kernel tap and input channel group: the rewrite pays for itself where
+# the kernel is large and the channels are few; 3x3 stems are left alone (README).
 MAX_IN_CHANNELS = 4
 MIN_KERNEL = 5
 
@@ -69,6 +64,80 @@ def space_to_depth_weights(w: np.ndarray, s: int, d: tuple[int, int], kk: tuple[
         padded.reshape(o, c, kk[0], s, kk[1], s).transpose(0, 3, 5, 1, 2, 4).reshape(o, c * s * s, kk[0], kk[1]))
 
 
+class _Graph:
+    """Lookups over a graph: producers, reader counts, initializers, graph inputs."""
+
+    def __init__(self, g: onnx.GraphProto) -> None:
+        self.producer = {o: n for n in g.node for o in n.output}
+        self.readers: dict[str, int] = {}
+        for n in g.node:
+            for i in n.input:
+                self.readers[i] = self.readers.get(i, 0) + 1
+        self.inits = {t.name: t for t in g.initializer}
+        self.inputs = {i.name: i for i in g.input}
+
+    def only_reader(self, tensor: str) -> bool:
+        return self.readers.get(tensor, 0) == 1
+
+
+def _eligible_geometry(conv: onnx.NodeProto) -> bool:
+    strides = list(_attr(conv, "strides", [1, 1]))
+    kernel = list(_attr(conv, "kernel_shape", []))
+    return not (len(strides) != 2 or strides[0] != strides[1] or strides[0] < 2 or len(kernel) != 2
+                or min(kernel) < MIN_KERNEL or _attr(conv, "group", 1) != 1
+                or any(v != 1 for v in _attr(conv, "dilations", [1, 1]))
+                or _attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"))
+
+
+def _plan(conv: onnx.NodeProto, g: _Graph):
+    """(input DQ, weight DQ, plans per axis) where ``conv`` is eligible (see
+    :func:`space_to_depth_stem`), else None."""
+    if conv.op_type != "Conv" or len(conv.input) < 2 or not _eligible_geometry(conv):
+        return None
+    dq, wdq = g.producer.get(conv.input[0]), g.producer.get(conv.input[1])
+    if dq is None or dq.op_type != "DequantizeLinear" or wdq is None or wdq.op_type != "DequantizeLinear":
+        return None
+    if wdq.input[0] not in g.inits or not g.only_reader(wdq.output[0]) or not g.only_reader(wdq.input[0]):
+        return None
+    if not g.only_reader(dq.input[0]) or not g.only_reader(dq.output[0]):
+        return None
+    src = g.producer.get(dq.input[0])
+    if src is not None and src.op_type == "Clip":
+        src = g.producer.get(src.input[0])
+    if src is None or src.op_type != "QuantizeLinear" or src.input[0] not in g.inputs:
+        return None
+    shape = [d.dim_value if d.HasField("dim_value") else None
+             for d in g.inputs[src.input[0]].type.tensor_type.shape.dim]
+    if len(shape) != 4 or None in shape[1:] or shape[1] > MAX_IN_CHANNELS:
+        return None
+    s, kernel = list(_attr(conv, "strides"))[0], list(_attr(conv, "kernel_shape"))
+    pads = list(_attr(conv, "pads", [0, 0, 0, 0]))
+    plans = [stem_plan(shape[2 + ax], kernel[ax], s, pads[ax], pads[2 + ax]) for ax in range(2)]
+    w = numpy_helper.to_array(g.inits[wdq.input[0]])
+    if None in plans or w.dtype != np.int8 or w.shape[1] != shape[1]:
+        return None
+    return dq, wdq, plans
+
+
+def _apply(conv: onnx.NodeProto, dq: onnx.NodeProto, wdq: onnx.NodeProto, plans, g: _Graph) -> onnx.NodeProto:
+    """Rewrite the conv and its weight in place; returns the SpaceToDepth to put before ``dq``."""
+    s = list(_attr(conv, "strides"))[0]
+    (d0, k0, b0, e0), (d1, k1, b1, e1) = plans
+    codes = dq.input[0]
+    w2 = space_to_depth_weights(numpy_helper.to_array(g.inits[wdq.input[0]]), s, (d0, d1), (k0, k1))
+    g.inits[wdq.input[0]].CopyFrom(numpy_helper.from_array(w2, wdq.input[0]))
+    s2d_out = f"{codes}_space_to_depth"
+    s2d = helper.make_node("SpaceToDepth", [codes], [s2d_out], name=f"{conv.name or conv.output[0]}_SpaceToDepth",
+                           blocksize=s)
+    dq.input[0] = s2d_out
+    keep = [a for a in conv.attribute if a.name not in ("kernel_shape", "strides", "pads")]
+    del conv.attribute[:]
+    conv.attribute.extend(keep + [helper.make_attribute("kernel_shape", [k0, k1]),
+                                  helper.make_attribute("strides", [1, 1]),
+                                  helper.make_attribute("pads", [b0, b1, e0, e1])])
+    return s2d
+
+
 def space_to_depth_stem(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     """Rewrite every eligible input conv (see the module docstring) in a copy of ``model``; returns
     it and the names of the rewritten Conv nodes. Eligible: a Conv (group 1, dilation 1, equal
@@ -79,63 +148,15 @@ def space_to_depth_stem(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[s
     model_out = onnx.ModelProto()
     model_out.CopyFrom(model)
     g = model_out.graph
-    producer = {o: n for n in g.node for o in n.output}
-    readers: dict[str, int] = {}
-    for n in g.node:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
-    inits = {t.name: t for t in g.initializer}
-    inputs = {i.name: i for i in g.input}
+    lookup = _Graph(g)
     rewritten: list[str] = []
     new_nodes: dict[str, onnx.NodeProto] = {}   # DQ name -> SpaceToDepth to put before it
     for conv in g.node:
-        if conv.op_type != "Conv" or len(conv.input) < 2:
+        plan = _plan(conv, lookup)
+        if plan is None:
             continue
-        strides = list(_attr(conv, "strides", [1, 1]))
-        kernel = list(_attr(conv, "kernel_shape", []))
-        if (len(strides) != 2 or strides[0] != strides[1] or strides[0] < 2 or len(kernel) != 2
-                or min(kernel) < MIN_KERNEL or _attr(conv, "group", 1) != 1
-                or any(v != 1 for v in _attr(conv, "dilations", [1, 1]))
-                or _attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET")):
-            continue
-        s = strides[0]
-        dq = producer.get(conv.input[0])
-        wdq = producer.get(conv.input[1])
-        if dq is None or dq.op_type != "DequantizeLinear" or wdq is None or wdq.op_type != "DequantizeLinear":
-            continue
-        if wdq.input[0] not in inits or readers.get(wdq.output[0], 0) != 1 or readers.get(wdq.input[0], 0) != 1:
-            continue
-        codes = dq.input[0]
-        if readers.get(codes, 0) != 1 or readers.get(dq.output[0], 0) != 1:
-            continue
-        src = producer.get(codes)
-        if src is not None and src.op_type == "Clip":
-            src = producer.get(src.input[0])
-        if src is None or src.op_type != "QuantizeLinear" or src.input[0] not in inputs:
-            continue
-        shape = [d.dim_value if d.HasField("dim_value") else None
-                 for d in inputs[src.input[0]].type.tensor_type.shape.dim]
-        if len(shape) != 4 or None in shape[1:] or shape[1] > MAX_IN_CHANNELS:
-            continue
-        pads = list(_attr(conv, "pads", [0, 0, 0, 0]))
-        plans = [stem_plan(shape[2 + ax], kernel[ax], s, pads[ax], pads[2 + ax]) for ax in range(2)]
-        if None in plans:
-            continue
-        (d0, k0, b0, e0), (d1, k1, b1, e1) = plans
-        w = numpy_helper.to_array(inits[wdq.input[0]])
-        if w.dtype != np.int8 or w.shape[1] != shape[1]:
-            continue
-        w2 = space_to_depth_weights(w, s, (d0, d1), (k0, k1))
-        inits[wdq.input[0]].CopyFrom(numpy_helper.from_array(w2, wdq.input[0]))
-        s2d_out = f"{codes}_space_to_depth"
-        new_nodes[dq.name or dq.output[0]] = helper.make_node(
-            "SpaceToDepth", [codes], [s2d_out], name=f"{conv.name or conv.output[0]}_SpaceToDepth", blocksize=s)
-        dq.input[0] = s2d_out
-        keep = [a for a in conv.attribute if a.name not in ("kernel_shape", "strides", "pads")]
-        del conv.attribute[:]
-        conv.attribute.extend(keep + [helper.make_attribute("kernel_shape", [k0, k1]),
-                                      helper.make_attribute("strides", [1, 1]),
-                                      helper.make_attribute("pads", [b0, b1, e0, e1])])
+        dq, wdq, plans = plan
+        new_nodes[dq.name or dq.output[0]] = _apply(conv, dq, wdq, plans, lookup)
         rewritten.append(conv.name or conv.output[0])
         stale = {dq.output[0], wdq.output[0]}
         keep_vi = [v for v in g.value_info if v.name not in stale]

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 __all__ = ["OPTIMIZATION_LEVELS", "make_session", "run_logits", "optimized_op_types", "LatencyResult",
@@ -142,8 +143,6 @@ def run_logits(session: ort.InferenceSession, images, batch_size: int) -> np.nda
 
 
 def _count_nodes(graph, counter: collections.Counter) -> None:
-    import onnx
-
     for node in graph.node:
         domain = node.domain or ""
         key = node.op_type if domain in ("", "ai.onnx") else f"{domain}.{node.op_type}"
@@ -164,8 +163,6 @@ def optimized_op_types(onnx_path, *, optimization: str = "extended") -> collecti
 
     Note: at ``"all"`` (and ``"layout"``) the saved graph contains layout transforms for this
     CPU (NCHWc), so those counts describe this machine, not a portable model."""
-    import onnx
-
     so = _session_options(None, optimization)
     with tempfile.TemporaryDirectory(prefix="dfq_ort_opt_") as tmp:
         out = Path(tmp) / "optimized.onnx"

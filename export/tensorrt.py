@@ -4,7 +4,7 @@
 without it. CUDA device detection and buffers use torch's CUDA runtime, not pycuda: torch is
 already a dependency, ships the CUDA runtime in its wheels and needs no compiler, whereas pycuda
 is a source-only package that needs a compiler, the CUDA toolkit headers and the driver at install
-time (DESIGN.md). :class:`EngineRunner` therefore holds its inputs and outputs in torch CUDA
+time. :class:`EngineRunner` therefore holds its inputs and outputs in torch CUDA
 tensors and passes their ``data_ptr()`` to TensorRT; the CUDA stream is a ``torch.cuda.Stream``
 (``.cuda_stream`` is the raw ``cudaStream_t`` handle TensorRT wants). Install the TensorRT wheel
 built for torch's CUDA major version (``torch.version.cuda``), e.g. ``tensorrt-cu13`` for a cu130
@@ -36,8 +36,12 @@ import shlex
 from pathlib import Path
 
 import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from dfq.common.errors import EngineNotBuiltError
+from dfq.common.files import atomic_write_bytes
 
 __all__ = ["tensorrt_status", "require_tensorrt", "trtexec_command", "onnx_input_shape", "convert_to_fp16",
            "build_engine", "EngineRunner", "inspect_engine", "summarize_engine_layers"]
@@ -56,8 +60,6 @@ def tensorrt_status() -> tuple[bool, str]:
                        "machine with an NVIDIA GPU with `pip install 'dfq[tensorrt]'` (NVIDIA's "
                        "tensorrt wheels)")
     try:
-        import torch
-
         has_cuda = torch.cuda.is_available() and torch.cuda.device_count() > 0
     except Exception:  # noqa: BLE001
         has_cuda = False
@@ -106,8 +108,6 @@ def require_tensorrt(onnx_path: str | Path, engine_path: str | Path, *, trtexec:
 def onnx_input_shape(model_or_path) -> tuple[str, tuple[int, ...] | None]:
     """(name, shape without the batch dim) of the model's single input; the shape is None when
     one of those dims is not static."""
-    import onnx
-
     model = model_or_path if hasattr(model_or_path, "graph") else onnx.load(str(model_or_path),
                                                                               load_external_data=False)
     inits = {t.name for t in model.graph.initializer}
@@ -140,14 +140,9 @@ def convert_to_fp16(model):
 
     Returns ``(model, info)``; ``info`` counts converted initializers, values clipped to the FP16
     range and Q/DQ scales below the smallest normal FP16 (6.1e-5; they lose precision)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
     model = onnx.ModelProto.FromString(model.SerializeToString())
     has_qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
     if has_qdq and _opset(model) < 19:
-        from onnx import version_converter
-
         model = version_converter.convert_version(model, 19)
     graph = model.graph
     keep_float = {n.input[i] for n in graph.node for (op, i) in _KEEP_FLOAT_INPUTS
@@ -219,10 +214,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, input_shape:
     build (it only speeds up later builds with the same TensorRT version and GPU).
     The builder records ``ProfilingVerbosity.DETAILED`` so :func:`inspect_engine` can report each
     layer's precision."""
-    import onnx
     import tensorrt as trt
-
-    from dfq.common.files import atomic_write_bytes
 
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise ValueError(f"need 1 <= min_batch <= opt_batch <= max_batch, got {min_batch}, {opt_batch}, {max_batch}")
@@ -283,8 +275,6 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, input_shape:
 # --- running --------------------------------------------------------------------------------------
 
 def _torch_dtype(trt, dtype):
-    import torch
-
     table = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
              "UINT8": torch.uint8, "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool}
     for name, tdtype in table.items():
@@ -317,8 +307,6 @@ class EngineRunner:
 
     def __init__(self, engine_or_path, *, device: int = 0) -> None:
         import tensorrt as trt
-        import torch
-
         self._trt, self._torch = trt, torch
         self.device = torch.device("cuda", device)
         torch.cuda.set_device(self.device)  # TensorRT uses the current device's primary context, as torch does

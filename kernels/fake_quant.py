@@ -35,10 +35,6 @@ class Grid:
     def signed(self) -> bool:
         return self.qmin < 0
 
-    @property
-    def levels(self) -> int:
-        return self.qmax - self.qmin + 1
-
 
 def weight_grid(bits: int, reduce_range: bool = False) -> Grid:
     """Per-channel symmetric weight grid: 8 bits -> [-127, 127] (narrow range, what TensorRT and
@@ -56,23 +52,36 @@ def weight_grid(bits: int, reduce_range: bool = False) -> Grid:
     raise ValueError(f"unsupported weight bit width {bits} (supported: 4, 8)")
 
 
-def activation_grid(bits: int, signed: bool, target: str) -> Grid:
-    """Per-tensor activation grid for a target.
+@dataclass(frozen=True)
+class QuantScheme:
+    """The integer arithmetic of one runtime's kernels, as far as the fake-quant model mirrors it.
 
-    8-bit unsigned (a post-ReLU tensor) is [0, 255] on ONNX Runtime (UINT8, zero point 0) but
-    [0, 127] on TensorRT, which has no UINT8. Signed 8-bit is [-128, 127] on both (ONNX Runtime
-    stores it as UINT8 with zero point 128). 4-bit grids are [0, 15] / [-8, 7] on both: INT8
-    containers with a Clip to the 4-bit range.
+    Each export target (:mod:`dfq.export.targets`) defines its scheme; the pipeline reads these
+    fields and never the target's name.
+
+    * ``unsigned_8bit_max``: top of the 8-bit grid of a tensor proven non-negative (after
+      ReLU/ReLU6): 255 where activations can be UINT8, 127 where only INT8 exists. Signed 8-bit
+      tensors use [-128, 127]; 4-bit ones [0, 15] / [-8, 7] (INT8 containers, clipped).
+    * ``reduce_range``: the default for 8-bit weights, [-63, 63] instead of [-127, 127] (see
+      :func:`weight_grid`).
+    * ``quantize_outputs``: every conv and residual-Add output is quantized (runtimes that fuse
+      DQ -> op -> Q into one integer kernel need the Q).
+    * ``int32_bias``: conv/linear biases are rounded to the int32 grid ``s_in * s_w``.
     """
-    if target not in ("onnxruntime", "tensorrt"):
-        raise ValueError(f"unknown target {target!r}")
-    if bits == 8:
-        if signed:
-            return Grid(-128, 127)
-        return Grid(0, 255 if target == "onnxruntime" else 127)
-    if bits == 4:
-        return Grid(-8, 7) if signed else Grid(0, 15)
-    raise ValueError(f"unsupported activation bit width {bits} (supported: 4, 8)")
+
+    name: str
+    unsigned_8bit_max: int = 127
+    reduce_range: bool = False
+    quantize_outputs: bool = False
+    int32_bias: bool = False
+
+    def activation_grid(self, bits: int, signed: bool) -> Grid:
+        """Per-tensor activation grid of ``bits`` (8 or 4), signed or not."""
+        if bits == 8:
+            return Grid(-128, 127) if signed else Grid(0, self.unsigned_8bit_max)
+        if bits == 4:
+            return Grid(-8, 7) if signed else Grid(0, 15)
+        raise ValueError(f"unsupported activation bit width {bits} (supported: 4, 8)")
 
 
 def quantize_to_int(x: torch.Tensor, scale: torch.Tensor, grid: Grid) -> torch.Tensor:

@@ -19,18 +19,17 @@ The ``fixed`` recipe (``bns-ft``) skips 1-2 and distils on the BN-inversion imag
 Everything trainable (student, generator, discriminators, optimizers, schedulers, centroids) is
 saved to an atomic checkpoint every ``checkpoint_seconds`` and at the end; ``resume`` restores it,
 and the run continues from the saved step with identical results (per-step seeding, no other
-randomness). The model exported is the one at the end of the schedule: nothing here looks at real
-images.
+randomness). The model at the end of the schedule is returned: nothing here looks at real images.
 """
+
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
+import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -38,21 +37,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfq import distributed as D
-from dfq.common.errors import CheckpointError
-from dfq.common.files import atomic_write_bytes
+from dfq.common import distributed as D
 from dfq.common.progress import progress as progress_bar
-from dfq.kernels.attention import attention_centre, attention_map
 from dfq.pipeline import losses as L
+from dfq.pipeline.checkpoint import CHECKPOINT_FORMAT, checkpoint_fingerprint, load_checkpoint, save_checkpoint
 from dfq.pipeline.discriminators import BNStatsDiscriminator, DiscrepancyDiscriminator, importance_prior
-from dfq.pipeline.generators import make_generator, sample_centres
+from dfq.pipeline.generator_terms import TERMS, GeneratorBatch, generator_terms
+from dfq.pipeline.generators import make_generator
 from dfq.pipeline.models import is_small_input
-from dfq.pipeline.qmodules import QuantConv2d, QuantLinear
+from dfq.pipeline.qmodules import QuantConv2d
 from dfq.pipeline.quantize import QuantizedModel
 from dfq.pipeline.recipes import Recipe
-from dfq.pipeline.synthesize import batch_mean_var
-
-CHECKPOINT_FORMAT = "dfq-finetune-1"
+from dfq.pipeline.taps import LayerOutputs, TeacherTaps
 
 
 @dataclass
@@ -95,89 +91,6 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-class _Taps:
-    """Forward hooks on the FP model: every BatchNorm2d's input (with autograd) and the input of
-    the last Linear (penultimate features)."""
-
-    def __init__(self, model: nn.Module, info: D.DistInfo = D.SINGLE) -> None:
-        self.info = info
-        self.bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        if not self.bns:
-            raise ValueError("the FP model has no BatchNorm2d layers")
-        self.features: list[torch.Tensor | None] = [None] * len(self.bns)
-        self.penultimate: torch.Tensor | None = None
-        self.handles = [bn.register_forward_hook(self._hook(i)) for i, bn in enumerate(self.bns)]
-        if linears:
-            self.handles.append(linears[-1].register_forward_pre_hook(self._pre_linear))
-
-    def _hook(self, i: int):
-        def hook(module, inputs, output):
-            self.features[i] = inputs[0]
-        return hook
-
-    def _pre_linear(self, module, inputs):
-        self.penultimate = inputs[0]
-
-    def running(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(bn.running_mean, bn.running_var) for bn in self.bns]
-
-    def stats(self) -> L.Stats:
-        out = []
-        for f, bn in zip(self.features, self.bns):
-            mu, var = D.global_mean_var(*batch_mean_var(f), self.info)
-            out.append((mu, var, bn.running_mean, bn.running_var))
-        return out
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-class _LayerOutputs:
-    """Forward hooks recording the outputs of the quantized layers of a student-shaped module."""
-
-    def __init__(self, module: nn.Module, names: list[str]) -> None:
-        self.outputs: dict[str, torch.Tensor] = {}
-        mods = dict(module.named_modules())
-        self.handles = [mods[n].register_forward_hook(self._hook(n)) for n in names]
-        self.names = names
-
-    def _hook(self, name: str):
-        def hook(module, inputs, output):
-            self.outputs[name] = output
-        return hook
-
-    def ordered(self) -> list[torch.Tensor]:
-        return [self.outputs[n] for n in self.names]
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
-class _BNBatchStatsNoUpdate:
-    """BN layers in train mode (batch statistics) without touching their running statistics."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-    def __enter__(self):
-        self.saved = [(bn.training, bn.momentum, bn.num_batches_tracked.clone()
-                       if bn.num_batches_tracked is not None else None) for bn in self.bns]
-        for bn in self.bns:
-            bn.train()
-            bn.momentum = 0.0
-        return self
-
-    def __exit__(self, *exc):
-        for bn, (training, momentum, nbt) in zip(self.bns, self.saved):
-            bn.train(training)
-            bn.momentum = momentum
-            if nbt is not None:
-                bn.num_batches_tracked.copy_(nbt)
 
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
@@ -229,58 +142,57 @@ class Finetuner:
         self.step = 0
         self.history: list[dict] = []
         torch.manual_seed(cfg.seed)   # parameter initialisation of the generator/discriminators
+        self._setup_student()
+        self.generator = self.opt_g = self.taps = self.centroids = None
+        self.bn_disc = self.disc = self.opt_d = self.twin = None
+        self._layer_tap = None
+        if recipe.generative:
+            self._setup_generator()
+        if recipe.student_features:
+            self._tap_layers()
 
-        self.student.eval()           # BN is folded; eval keeps dropout/stochastic depth off
+    def _setup_student(self) -> None:
+        """The student trains in eval mode (BN is folded; eval keeps dropout/stochastic depth off).
+        Adam moves every parameter by about its learning rate per step whatever the gradient's
+        size, so each quantizer's step sizes get a learning rate relative to their own magnitude
+        (weight steps are ~1e-3, activation steps ~1e-1): one absolute rate would either freeze
+        the activation steps or push weight steps through zero."""
+        cfg = self.cfg
+        self.student.eval()
         for p in self.student.parameters():
             p.requires_grad_(True)
         self.student_train = self._ddp(self.student)   # first: rank 0's parameters everywhere
-        # Adam moves every parameter by about its learning rate per step whatever the gradient's
-        # size, so each quantizer's step sizes get a learning rate relative to their own magnitude
-        # (weight steps are ~1e-3, activation steps ~1e-1): one absolute rate would either freeze
-        # the activation steps or push weight steps through zero.
         scales = [(n, p) for n, p in self.student.named_parameters() if n.endswith("scale")]
         weights = [p for n, p in self.student.named_parameters() if not n.endswith("scale")]
-        for p in [p for _, p in scales] + weights:
-            p.requires_grad_(True)
         groups = [{"params": weights, "lr": cfg.lr_weights}]
         for _, p in scales:
             groups.append({"params": [p], "lr": cfg.lr_scales * float(p.detach().abs().mean().clamp(min=1e-8))})
         self.opt_s = torch.optim.Adam(groups)
         self.base_lrs = [g["lr"] for g in groups]
 
-        self.generator = None
-        self.opt_g = None
-        self.taps = None
-        self.centroids = None
-        self.bn_disc = self.disc = None
-        self.opt_d = None
-        self.twin = None
-        if recipe.generator in ("conditional", "acq"):
-            self.generator = make_generator(recipe.generator, num_classes, input_size, latent=cfg.latent)
-            self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_generator, betas=(0.5, 0.999))
-            self.generator_train = self._ddp(self.generator)
-            self.taps = _Taps(self.teacher, dist_info)
-            terms = recipe.terms
-            if "centroid" in terms:
-                dim = self._penultimate_dim()
-                self.centroids = L.ClassCentroids(num_classes, dim, recipe.centroid_decay)
-            disc_params = []
-            if "bn_adversarial" in terms:
-                spatial = self._bn_spatial()
-                self.bn_disc = BNStatsDiscriminator(self.taps.running(), spatial, group=recipe.bn_group)
-                disc_params += list(self.bn_disc.parameters())
-            if "discrepancy" in terms or recipe.student_discrepancy:
-                layers = self._tap_layers()
-                prior = importance_prior([m for _, m in layers])
-                if self.bn_disc is not None and len(self.bn_disc.weights) == len(prior):
-                    self.bn_disc.weights.copy_(prior)
-                self.disc = DiscrepancyDiscriminator([m.out_channels for _, m in layers], prior)
-                disc_params += list(self.disc.parameters())
-            if disc_params:
-                self.opt_d = torch.optim.Adam(disc_params, lr=cfg.lr_discriminator, betas=(0.5, 0.999))
-
-        if recipe.student_features:
-            self._tap_layers()
+    def _setup_generator(self) -> None:
+        """The generator, the teacher's taps, and the state the recipe's terms keep (ClusterQ's
+        centroids, DDAQ's discriminators)."""
+        recipe, cfg, terms = self.recipe, self.cfg, self.recipe.terms
+        self.generator = make_generator(recipe.generator, self.num_classes, self.input_size, latent=cfg.latent)
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_generator, betas=(0.5, 0.999))
+        self.generator_train = self._ddp(self.generator)
+        self.taps = TeacherTaps(self.teacher, self.info)
+        if "centroid" in terms:
+            self.centroids = L.ClassCentroids(self.num_classes, self._penultimate_dim(), recipe.centroid_decay)
+        disc_params = []
+        if "bn_adversarial" in terms:
+            self.bn_disc = BNStatsDiscriminator(self.taps.running(), self._bn_spatial(), group=recipe.bn_group)
+            disc_params += list(self.bn_disc.parameters())
+        if "discrepancy" in terms or recipe.student_discrepancy:
+            layers = self._tap_layers()
+            prior = importance_prior([m for _, m in layers])
+            if self.bn_disc is not None and len(self.bn_disc.weights) == len(prior):
+                self.bn_disc.weights.copy_(prior)
+            self.disc = DiscrepancyDiscriminator([m.out_channels for _, m in layers], prior)
+            disc_params += list(self.disc.parameters())
+        if disc_params:
+            self.opt_d = torch.optim.Adam(disc_params, lr=cfg.lr_discriminator, betas=(0.5, 0.999))
 
     def _tap_layers(self) -> list[tuple[str, nn.Module]]:
         """Hooks on every quantized conv of the student, and the FP twin (a frozen copy of the
@@ -288,8 +200,6 @@ class Finetuner:
         compare it with. Idempotent."""
         layers = [(n, m) for n, m in self.student.named_modules() if isinstance(m, QuantConv2d)]
         if self.twin is None:
-            import copy
-
             # the copy first: a deepcopy of a hooked module keeps the hooks, and the twin's forward
             # would then overwrite the student's recorded outputs
             self.twin = copy.deepcopy(self.qmodel)
@@ -298,33 +208,46 @@ class Finetuner:
             for p in self.twin.module.parameters():
                 p.requires_grad_(False)
             self.layer_names = [n for n, _ in layers]
-            self._layer_tap = _LayerOutputs(self.student, self.layer_names)
+            self._layer_tap = LayerOutputs(self.student, self.layer_names)
         return layers
 
-    def _twin_layers(self, images: torch.Tensor) -> list[torch.Tensor]:
+    def twin_layers(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The FP twin's conv outputs on ``images`` (with autograd to the images where they need it)."""
-        tap = _LayerOutputs(self.twin.module, self.layer_names)
+        tap = LayerOutputs(self.twin.module, self.layer_names)
         try:
             self.twin.module(images)
             return tap.ordered()
         finally:
             tap.remove()
 
+    def student_layers(self) -> list[torch.Tensor]:
+        """The student's conv outputs recorded by its last forward."""
+        return [self._layer_tap.outputs[n] for n in self.layer_names]
+
+    @contextlib.contextmanager
+    def student_frozen(self):
+        """The student's parameters without gradients for a forward whose gradients must reach
+        only the images (generator terms), not the parameters (nor DDP's hooks); restored after."""
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        try:
+            for p in params:
+                p.requires_grad_(False)
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
     def _ddp(self, module: nn.Module) -> nn.Module:
         """DistributedDataParallel around ``module`` in a torchrun run (it also broadcasts rank 0's
         parameters, so every rank starts identical); the module itself otherwise."""
         if not self.info.enabled:
             return module
-        from torch.nn.parallel import DistributedDataParallel
-
         device_ids = [self.info.local_rank] if self.info.backend == "nccl" else None
-        return DistributedDataParallel(module, device_ids=device_ids)
+        return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
 
-    # -- shapes --------------------------------------------------------------------------------
     @torch.no_grad()
     def _probe(self) -> None:
-        x = torch.zeros(2, *self.input_size)
-        self.teacher(x)
+        self.teacher(torch.zeros(2, *self.input_size))
 
     def _penultimate_dim(self) -> int:
         self._probe()
@@ -337,81 +260,38 @@ class Finetuner:
         return [f.shape[2] * f.shape[3] for f in self.taps.features]
 
     # -- one step ------------------------------------------------------------------------------
-    def _sample(self, gen: torch.Generator):
-        b, r = self.cfg.batch, self.recipe
-        if r.generator == "acq":
-            half = b // 2
-            labels = torch.randint(0, self.num_classes, (half,), generator=gen).repeat(2)
-            centres = sample_centres(half, r.centre_radius, gen).repeat(2, 1)
-            z = torch.randn(2 * half, self.cfg.latent, generator=gen)
-            return z, labels, centres
-        labels = torch.randint(0, self.num_classes, (b,), generator=gen)
-        return torch.randn(b, self.cfg.latent, generator=gen), labels, None
-
     def _generator_step(self, gen: torch.Generator, log: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        r, w = self.recipe, self.recipe.terms
-        z, labels, centres = self._sample(gen)
+        """Generate a batch, update the generator on the recipe's weighted terms (registered in
+        :mod:`dfq.pipeline.generator_terms`), then the discriminators and centroids."""
+        weights = self.recipe.terms
+        z, labels, centres = self.generator.sample(self.cfg.batch, gen, self.recipe.centre_radius)
         self.generator.train()
-        g = self.generator_train
-        images = g(z, labels, centres) if centres is not None else g(z, labels)
-        att_train = None
-        if "consistency" in w:
-            with _BNBatchStatsNoUpdate(self.teacher):
-                self.teacher(images)
-            att_train = attention_map(self.taps.features[-1], r.attention_p)
-        logits = self.teacher(images)
-        feats = list(self.taps.features)
-        pen = self.taps.penultimate.flatten(1) if self.taps.penultimate is not None else None
-        terms: dict[str, torch.Tensor] = {}
-        if "ce" in w:
-            terms["ce"] = F.cross_entropy(logits, labels)
-        if "bns" in w:
-            terms["bns"] = L.bns_loss(self.taps.stats()) / len(feats)
-        if "slack_bns" in w:
-            std = []
-            for mu, var, rm, rv in self.taps.stats():
-                s = rv.add(1e-8).sqrt()
-                std.append((mu / s, var / s.pow(2), rm / s, torch.ones_like(rv)))
-            terms["slack_bns"] = L.slack_bns_loss(std, r.slack_delta) / len(feats)
-        if "layerwise" in w:
-            chosen = torch.randint(0, len(feats), (len(images),), generator=gen)
-            terms["layerwise"] = L.layerwise_enhanced_bns(feats, self.taps.running(), chosen, r.layerwise_boost)
-        if "correlation" in w:
-            terms["correlation"] = L.correlation_inhibition(pen)
-        if "centroid" in w:
-            terms["centroid"] = L.centroid_alignment(pen, labels, self.centroids)
-        if "diversity" in w:
-            terms["diversity"] = L.intra_class_diversity(pen, labels)
-        if "bn_adversarial" in w:
-            terms["bn_adversarial"] = self.bn_disc.generator_loss(feats)
-        fp_out = q_out = None
-        if "discrepancy" in w or r.student_discrepancy:
-            with self._student_frozen():
-                self.student(images)
-            q_out, fp_out = self._student_layers(), self._twin_layers(images)
-            if "discrepancy" in w:
-                terms["discrepancy"] = self.disc.generator_loss(fp_out, q_out)
-        if "adversarial" in w:
-            with self._student_frozen():
-                terms["adversarial"] = L.disagreement(logits, self.student(images))
-        if "centre" in w or "consistency" in w:
-            att = attention_map(feats[-1], r.attention_p)
-            if "centre" in w:
-                terms["centre"] = L.centre_matching(attention_centre(att), centres)
-            if "consistency" in w:
-                terms["consistency"] = L.attention_consistency(att_train, att)
-        if "pair" in w:
-            half = len(images) // 2
-            terms["pair"] = L.mode_seeking_pair(images[:half], images[half:], z[:half], z[half:])
-        loss = sum(w[k] * v for k, v in terms.items())
+        images = self.generator.generate(self.generator_train, z, labels, centres)
+        batch = GeneratorBatch(self, images, labels, centres, z, gen)
+        for t in TERMS.values():
+            if t.name in weights and t.prepare is not None:
+                t.prepare(batch)
+        batch.observe()
+        terms = generator_terms(batch, weights)
+        loss = sum(weights[k] * v for k, v in terms.items())
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_g.step()
+        self._update_critics(batch, log)
+        for k, v in terms.items():
+            log[k] = float(v.detach())
+        log["gen"] = float(loss.detach())
+        return images.detach(), labels, batch.logits.detach()
+
+    def _update_critics(self, batch: GeneratorBatch, log: dict) -> None:
+        """DDAQ's discriminators (gradients averaged across ranks) and ClusterQ's EMA centroids
+        (class sums all-reduced) learn from the batch's detached features."""
         if self.opt_d is not None:
-            d_loss = images.new_zeros(())
+            d_loss = batch.images.new_zeros(())
             if self.bn_disc is not None:
-                d_loss = d_loss + self.bn_disc.discriminator_loss(feats, gen)
+                d_loss = d_loss + self.bn_disc.discriminator_loss(batch.feats, batch.gen)
             if self.disc is not None:
+                q_out, fp_out = batch.layer_outputs()
                 d_loss = d_loss + self.disc.discriminator_loss(fp_out, q_out)
             self.opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
@@ -419,17 +299,9 @@ class Finetuner:
             self.opt_d.step()
             log["disc"] = float(d_loss.detach())
         if self.centroids is not None:
-            sums, counts = L.ClassCentroids.class_sums(pen, labels, self.num_classes)
-            if self.info.enabled:
-                import torch.distributed as dist
-
-                dist.all_reduce(sums)
-                dist.all_reduce(counts)
+            sums, counts = L.ClassCentroids.class_sums(batch.pen, batch.labels, self.num_classes)
+            D.all_reduce_sum([sums, counts], self.info)
             self.centroids.update_sums(sums, counts)
-        for k, v in terms.items():
-            log[k] = float(v.detach())
-        log["gen"] = float(loss.detach())
-        return images.detach(), labels, logits.detach()
 
     def _student_step(self, images: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor,
                       log: dict) -> None:
@@ -444,11 +316,11 @@ class Finetuner:
             loss = loss + r.student_ce * F.cross_entropy(logits, labels)
         if r.student_discrepancy and self.disc is not None:
             # the hooks record the layer outputs of the forward above (the same autograd graph)
-            loss = loss + r.student_discrepancy * self.disc.student_loss(None, self._student_layers())
+            loss = loss + r.student_discrepancy * self.disc.student_loss(None, self.student_layers())
         if r.student_features:
             with torch.no_grad():
-                target = self._twin_layers(images)
-            feat = L.feature_distillation(self._student_layers(), target)
+                target = self.twin_layers(images)
+            feat = L.feature_distillation(self.student_layers(), target)
             loss = loss + r.student_features * feat
             log["features"] = float(feat.detach())
         if not torch.isfinite(loss):
@@ -462,22 +334,6 @@ class Finetuner:
                     p.clamp_(min=1e-8)
         log["kd"] = float(kd.detach())
         log["student"] = float(loss.detach())
-
-    @contextlib.contextmanager
-    def _student_frozen(self):
-        """The student's parameters without gradients for a forward whose gradients must reach
-        only the images (generator terms), not the parameters (nor DDP's hooks); restored after."""
-        params = [p for p in self.student.parameters() if p.requires_grad]
-        try:
-            for p in params:
-                p.requires_grad_(False)
-            yield
-        finally:
-            for p in params:
-                p.requires_grad_(True)
-
-    def _student_layers(self) -> list[torch.Tensor]:
-        return [self._layer_tap.outputs[n] for n in self.layer_names]
 
     def run_step(self) -> dict:
         # each rank draws its own samples; rank 0 of a torchrun run draws what a single process draws
@@ -569,42 +425,6 @@ class Finetuner:
             self._layer_tap.remove()
 
 
-def checkpoint_fingerprint(**identity) -> str:
-    """What a checkpoint must have been made with to be resumed (model file hash, options)."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def save_checkpoint(path: Path, state: dict, fingerprint: str) -> None:
-    buf = io.BytesIO()
-    torch.save({"fingerprint": fingerprint, **state}, buf)
-    payload = buf.getvalue()
-    digest = hashlib.sha256(payload).hexdigest().encode()
-    atomic_write_bytes(Path(path), payload + b"DFQSHA256" + digest)
-
-
-def load_checkpoint(path: Path, fingerprint: str) -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint`; every problem is a CheckpointError."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"--resume: no checkpoint at {path}. Run once without --resume (it writes "
-                              "the checkpoint as it goes), or pass --checkpoint with the right path.")
-    raw = path.read_bytes()
-    payload, sep, digest = raw.rpartition(b"DFQSHA256")
-    if not sep or hashlib.sha256(payload).hexdigest().encode() != digest:
-        raise CheckpointError(f"the checkpoint {path} is corrupted or truncated (checksum mismatch). Delete it "
-                              "and start again without --resume.")
-    try:
-        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"the checkpoint {path} cannot be read ({exc}). Delete it and start again.") from exc
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a dfq fine-tuning checkpoint ({CHECKPOINT_FORMAT}).")
-    if state.get("fingerprint") != fingerprint:
-        raise CheckpointError(f"the checkpoint {path} was made by a different run (model, method, bits, target, "
-                              "seed or schedule differ). Resume with the same command, or delete it.")
-    return state
-
-
 def finetune(teacher: nn.Module, qmodel: QuantizedModel, recipe: Recipe, cfg: FinetuneConfig, *,
              input_size: tuple[int, int, int], num_classes: int,
              fixed: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -662,4 +482,4 @@ def finetune(teacher: nn.Module, qmodel: QuantizedModel, recipe: Recipe, cfg: Fi
 
 
 __all__ = ["FinetuneConfig", "Finetuner", "FinetuneResult", "finetune", "save_checkpoint", "load_checkpoint",
-           "checkpoint_fingerprint", "replace"]
+           "checkpoint_fingerprint"]

@@ -59,9 +59,6 @@ class ConditionalGenerator(nn.Module):
     def _code(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.embed(labels) * z
 
-    def _extra_channels(self, n: int, device, dtype) -> torch.Tensor | None:
-        return None
-
     def _check(self, z: torch.Tensor, labels: torch.Tensor) -> None:
         if z.dim() != 2 or z.shape[1] != self.latent:
             raise ValueError(f"noise must be [N, {self.latent}], got {tuple(z.shape)}")
@@ -71,6 +68,15 @@ class ConditionalGenerator(nn.Module):
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self._check(z, labels)
         return self._decode(self._code(z, labels))
+
+    def sample(self, batch: int, gen: torch.Generator, centre_radius: float):
+        """The conditions of one batch, drawn from ``gen``: ``(z [N, latent], labels [N], None)``."""
+        labels = torch.randint(0, self.num_classes, (batch,), generator=gen)
+        return torch.randn(batch, self.latent, generator=gen), labels, None
+
+    def generate(self, module: nn.Module, z: torch.Tensor, labels: torch.Tensor, centres) -> torch.Tensor:
+        """``module`` (this generator, or a DistributedDataParallel around it) on one batch."""
+        return module(z, labels)
 
     def _decode(self, code: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         h = self.fc(code).view(-1, self.base, self.init_size, self.init_size)
@@ -106,17 +112,30 @@ class AttentionConditionalGenerator(ConditionalGenerator):
         code = self.embed(labels) * z * (1 + self.position(centres))
         return self._decode(code, self.bump(centres))
 
+    def sample(self, batch: int, gen: torch.Generator, centre_radius: float):
+        """Pairs that share a condition (label, centre) and differ in noise, for the mode-seeking pair
+        term: samples ``i`` and ``i + N/2`` have the same condition. ``(z, labels, centres [N, 2])``."""
+        half = batch // 2
+        labels = torch.randint(0, self.num_classes, (half,), generator=gen).repeat(2)
+        centres = sample_centres(half, centre_radius, gen).repeat(2, 1)
+        return torch.randn(2 * half, self.latent, generator=gen), labels, centres
+
+    def generate(self, module: nn.Module, z: torch.Tensor, labels: torch.Tensor, centres) -> torch.Tensor:
+        return module(z, labels, centres)
+
+
+GENERATORS: dict[str, type[ConditionalGenerator]] = {"conditional": ConditionalGenerator,
+                                                     "acq": AttentionConditionalGenerator}
+
 
 def make_generator(kind: str, num_classes: int, input_size: tuple[int, int, int], **kw) -> ConditionalGenerator:
     """``kind`` is ``conditional`` (GDFQ) or ``acq``; ``input_size`` is the model's ``(C, H, W)``."""
     c, h, w = input_size
     if h != w:
         raise ValueError(f"generators make square images; the model takes {h}x{w}")
-    if kind == "conditional":
-        return ConditionalGenerator(num_classes, h, c, **kw)
-    if kind == "acq":
-        return AttentionConditionalGenerator(num_classes, h, c, **kw)
-    raise ValueError(f"unknown generator kind {kind!r} (conditional, acq)")
+    if kind not in GENERATORS:
+        raise ValueError(f"unknown generator kind {kind!r} ({', '.join(GENERATORS)})")
+    return GENERATORS[kind](num_classes, h, c, **kw)
 
 
 def sample_centres(n: int, radius: float, gen: torch.Generator) -> torch.Tensor:

@@ -4,8 +4,9 @@ Notation: ``N`` batch, ``C`` channels, ``K`` classes, ``L`` BatchNorm layers. Fo
 the hook records the batch statistics of its *input* ``mu_l, var_l`` (``[C_l]``) and the layer
 holds running statistics ``m_l, v_l``. Every function returns a 0-d tensor unless stated.
 
-* :func:`bns_loss` - BN statistics matching (ZeroQ, GDFQ):
-  ``sum_l ||mu_l - m_l||_2 + ||sqrt(var_l) - sqrt(v_l)||_2``.
+* :func:`bn_stats_distance` / :func:`bns_loss` - BN statistics matching (ZeroQ, GDFQ):
+  ``sum_l ||mu_l - m_l||_2 + ||sqrt(var_l + eps) - sqrt(v_l + eps)||_2``; BN-statistics inversion
+  (:mod:`dfq.pipeline.synthesize`) uses the same per-layer distance.
 * :func:`slack_bns_loss` - DSG's slack alignment, a hinge that is zero inside a margin ``delta``:
   ``sum_l mean_c relu(|mu_lc - m_lc| - delta)^2 + relu(|s_lc - sqrt(v_lc)| - delta)^2``.
 * :func:`layerwise_enhanced_bns` - DSG layerwise enhancement: per-sample statistics (over space),
@@ -24,13 +25,21 @@ import torch.nn.functional as F
 Stats = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]  # (mu, var, run_mean, run_var)
 
 
-def bns_loss(stats: Stats) -> torch.Tensor:
-    """``sum_l ||mu_l - m_l||_2 + ||sqrt(var_l) - sqrt(v_l)||_2`` (0 when the batch statistics equal
-    the running statistics)."""
+def bn_stats_distance(mu: torch.Tensor, var: torch.Tensor, running_mean: torch.Tensor,
+                      running_var: torch.Tensor, eps: float) -> torch.Tensor:
+    """One BN layer's statistics mismatch (ZeroQ's 2-norm form):
+    ``||mu - m||_2 + ||sqrt(var + eps) - sqrt(v + eps)||_2`` over the channels; 0 when the batch
+    statistics equal the running ones. ``eps`` keeps the gradient of the square root finite at zero
+    variance (BN-statistics inversion passes the layer's own ``eps``, the generator terms ``1e-8``)."""
+    return torch.linalg.vector_norm(mu - running_mean) + torch.linalg.vector_norm(
+        var.clamp(min=0).add(eps).sqrt() - running_var.add(eps).sqrt())
+
+
+def bns_loss(stats: Stats, eps: float = 1e-8) -> torch.Tensor:
+    """``sum_l`` :func:`bn_stats_distance` over the layers of ``stats``."""
     total = stats[0][0].new_zeros(())
     for mu, var, rm, rv in stats:
-        total = total + torch.linalg.vector_norm(mu - rm) + torch.linalg.vector_norm(
-            var.clamp(min=0).add(1e-8).sqrt() - rv.add(1e-8).sqrt())
+        total = total + bn_stats_distance(mu, var, rm, rv, eps)
     return total
 
 

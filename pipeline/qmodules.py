@@ -2,8 +2,8 @@
 
 * :class:`WeightQuantizer` - per-output-channel symmetric scales for a weight tensor.
 * :class:`ActQuantizer` - one per-tensor symmetric scale for an activation tensor, signed or
-  unsigned (after ReLU/ReLU6), on the grid its export target can run (see
-  :func:`dfq.kernels.fake_quant.activation_grid`).
+  unsigned (after ReLU/ReLU6), on the grid its export target's kernels run (see
+  :class:`dfq.kernels.fake_quant.QuantScheme`).
 * :class:`QuantConv2d` - a conv with its BatchNorm folded in "Tune mode": the module keeps the
   conv weight and the BN affine parameters with frozen running statistics, and every forward
   computes the folded weight ``W * gamma / sqrt(var + eps)`` and bias, which is what gets
@@ -20,7 +20,7 @@ from torch import nn
 
 from dfq.kernels.fake_quant import (
     Grid,
-    activation_grid,
+    QuantScheme,
     fake_quantize,
     lsq_grad_scale,
     mse_optimal_scale,
@@ -89,12 +89,11 @@ class ActQuantizer(nn.Module):
     picks a range wider than the activation can reach.
     """
 
-    def __init__(self, bits: int, signed: bool, target: str, upper_bound: float | None = None) -> None:
+    def __init__(self, bits: int, signed: bool, scheme: QuantScheme, upper_bound: float | None = None) -> None:
         super().__init__()
         self.bits = bits
         self.signed = signed
-        self.target = target
-        self.grid: Grid = activation_grid(bits, signed, target)
+        self.grid: Grid = scheme.activation_grid(bits, signed)
         self.upper_bound = upper_bound
         self.scale = nn.Parameter(torch.tensor(1.0))
         self.enabled = True
@@ -199,5 +198,3 @@ class QuantLinear(nn.Module):
         w = self.weight_quantizer(self.weight)
         return F.linear(x, w, self.quantized_bias(self.bias, input_scale))
 
-
-QUANT_LAYERS = (QuantConv2d, QuantLinear)

@@ -29,57 +29,52 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from dfq.common.errors import UnsupportedModelError
+from dfq.kernels.fake_quant import QuantScheme
 from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear
 
-Target = Literal["onnxruntime", "tensorrt"]
-TARGETS = ("onnxruntime", "tensorrt")
 SUPPORTED_BITS = (4, 8)
 
 
 @dataclass
 class QuantConfig:
-    """How to quantize. ``bits`` is WnAn (weights and activations); ``keep_8bit`` lists layers
-    kept at 8 bits: module-name glob patterns or ``@first`` (first conv) / ``@last`` (last
-    linear). ``calibration`` picks the activation-range method (``auto`` measures min/max,
-    percentile and MSE on held-out synthetic images and keeps the best)."""
+    """How to quantize, for the integer arithmetic of one export target (``scheme``: its
+    :class:`~dfq.kernels.fake_quant.QuantScheme`; ``dfq.get_target(name).quant_config(...)`` fills
+    it in). ``bits`` is WnAn (weights and activations); ``keep_8bit`` lists layers kept at 8 bits:
+    module-name glob patterns or ``@first`` (first conv) / ``@last`` (last linear).
+    ``calibration`` picks the activation-range method (``auto`` measures min/max, percentile and
+    MSE on held-out synthetic images and keeps the best)."""
 
+    scheme: QuantScheme
     bits: int = 8
-    target: Target = "onnxruntime"
     keep_8bit: tuple[str, ...] = ("@first", "@last")
     weight_clip_search: bool = True
     calibration: Literal["auto", "minmax", "percentile", "mse"] = "auto"
     percentile: float = 99.99
-    # 8-bit weights on [-63, 63] instead of [-127, 127]. Default (None): on for the onnxruntime
-    # target, whose x86 kernels without VNNI saturate with full-range weights (see
-    # dfq.kernels.fake_quant.weight_grid); off for TensorRT.
+    # 8-bit weights on [-63, 63] instead of [-127, 127]; None: the scheme's default
+    # (dfq.kernels.fake_quant.weight_grid says why a target may want it).
     reduce_range: bool | None = None
-    # Bits of tensors that no conv/linear reads, only residual Adds (and, for ONNX Runtime, the
-    # conv/Add outputs that only feed Adds). Every conv/linear still computes on ``bits``-bit
-    # inputs and weights; this is the precision of the residual branch before the Add, which
-    # both targets add on 8-bit kernels anyway. Default 8: at W4A4 a 4-bit residual branch cost
-    # ResNet-20 1.3 points even when fine-tuned on real images (diagnostic, README "Methods").
-    residual_bits: int = 8
-    # Empirical bias correction of the model that is exported, after calibration and fine-tuning
-    # (dfq.pipeline.calibrate.bias_correct), kept only when it lowers the FP->quantized KL on
-    # held-out synthetic images.
-    bias_correction: bool = True
+    # Bits of tensors that no conv/linear reads, only residual Adds (and, where the scheme quantizes
+    # layer outputs, the conv/Add outputs that only feed Adds). Every conv/linear still computes on
+    # ``bits``-bit inputs and weights; this is the precision of the residual branch before the Add,
+    # which runtimes add on 8-bit kernels anyway. None: 8.
+    residual_bits: int | None = 8
 
     def __post_init__(self) -> None:
+        if not isinstance(self.scheme, QuantScheme):
+            raise TypeError("QuantConfig.scheme must be a QuantScheme: use dfq.get_target(name).quant_config(...)")
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"--bits {self.bits} is not supported; use 8 (W8A8) or 4 (W4A4)")
-        if self.residual_bits is None:      # "the default" (the job passes None when not given)
+        if self.residual_bits is None:
             self.residual_bits = 8
         if self.residual_bits not in SUPPORTED_BITS:
             raise ValueError(f"--residual-bits {self.residual_bits} is not supported; use 8 or 4")
-        if self.target not in TARGETS:
-            raise ValueError(f"unknown target {self.target!r}; use one of {', '.join(TARGETS)}")
         if self.calibration not in ("auto", "minmax", "percentile", "mse"):
             raise ValueError(f"unknown calibration {self.calibration!r}")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError("percentile must lie in (50, 100]")
         self.keep_8bit = tuple(self.keep_8bit)
         if self.reduce_range is None:
-            self.reduce_range = self.target == "onnxruntime"
+            self.reduce_range = self.scheme.reduce_range
 
     @property
     def name(self) -> str:
@@ -87,15 +82,10 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["target"] = self.scheme.name
         d["keep_8bit"] = list(self.keep_8bit)
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "QuantConfig":
-        return cls(**{**d, "keep_8bit": tuple(d.get("keep_8bit", ()))})
-
-
-PRESETS = {"W8A8": QuantConfig(bits=8), "W4A4": QuantConfig(bits=4)}
 
 # ---------------------------------------------------------------------------------------------
 # graph helpers
@@ -347,7 +337,7 @@ def quant_requirements(gm: fx.GraphModule, layer_bits: dict[str, int], config: Q
         if is_add(node):
             for a in node.args[:2]:
                 require(other_need, a, residual)
-        if config.target == "onnxruntime" and (isinstance(m, QuantConv2d) or is_add(node)):
+        if config.scheme.quantize_outputs and (isinstance(m, QuantConv2d) or is_add(node)):
             out = node
             users = list(node.users)
             if len(users) == 1 and is_clip_activation(gm, users[0]) is not None:
@@ -365,7 +355,7 @@ def _insert_act_quantizers(gm: fx.GraphModule, need: dict[fx.Node, int], config:
         while name in used:
             name += "_"
         used.add(name)
-        gm.add_submodule(name, ActQuantizer(bits, signed, config.target, upper_bound(gm, src)))
+        gm.add_submodule(name, ActQuantizer(bits, signed, config.scheme, upper_bound(gm, src)))
         with gm.graph.inserting_after(src):
             q = gm.graph.call_module(name, (src,))
         src.replace_all_uses_with(q, delete_user_cb=lambda user: user is not q)
@@ -378,10 +368,10 @@ def input_quantizer_of(gm: fx.GraphModule, layer: fx.Node) -> fx.Node | None:
 
 
 def _link_bias_scales(gm: fx.GraphModule, config: QuantConfig) -> None:
-    """ONNX Runtime target: conv and linear biases live on the int32 grid ``s_in * s_w`` (what
-    QLinearConv and QGemm take; a float bias keeps ORT from fusing a Gemm into QGemm); pass each
-    layer the scale of its input quantizer as a second argument."""
-    if config.target != "onnxruntime":
+    """Schemes with int32 biases: conv and linear biases live on the int32 grid ``s_in * s_w``
+    (what ONNX Runtime's QLinearConv and QGemm take; a float bias keeps ORT from fusing a Gemm into
+    QGemm); pass each layer the scale of its input quantizer as a second argument."""
+    if not config.scheme.int32_bias:
         return
     for node in layer_nodes(gm):
         m = _module(gm, node)
@@ -431,7 +421,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 
 def quantize(model: nn.Module, config: QuantConfig, example_input: torch.Tensor) -> QuantizedModel:
-    """Build the fake-quant model for ``config.target`` from an FP model (left unchanged).
+    """Build the fake-quant model for ``config.scheme`` from an FP model (left unchanged).
 
     ``example_input`` is one batch (``[N, C, H, W]``) used to record tensor shapes. Weight
     scales are set here (clip search); activation scales are set by :func:`calibrate`.

@@ -1,41 +1,28 @@
 """The data-free methods as recipes: which generator, which loss terms, with which weights.
 
-A recipe declares; :mod:`dfq.pipeline.finetune` executes. Generator-loss terms (computed on the FP
-model's view of the synthetic batch, see :mod:`dfq.pipeline.losses`):
-
-================  ===========================================================================
-``ce``            cross-entropy of the FP model's logits to the generator's target labels
-``bns``           BN-statistics matching, ZeroQ/GDFQ form, mean over BN layers
-``slack_bns``     DSG slack alignment on statistics standardised by the running std (margin
-                  ``slack_delta`` in std units), mean over layers
-``layerwise``     DSG layerwise enhancement (each sample boosts one random BN layer)
-``correlation``   DSG inter-sample correlation inhibition on the penultimate features
-``centroid``      ClusterQ: penultimate features pulled to their class's EMA centroid
-``diversity``     ClusterQ: spread of same-class features within the batch (minimised negative)
-``bn_adversarial`` DDAQ: fool the BN-statistics discriminator
-``discrepancy``   DDAQ: expose FP/quantized feature discrepancy to its discriminator
-``centre``        ACQ: attention centre of the deepest BN layer's input matches the condition
-``pair``          ACQ: same condition, different noise -> different images (mode seeking)
-``consistency``   ACQ: attention with BN in train mode equals attention in eval mode
-``adversarial``   images on which the quantized student disagrees with the FP model (DFAD/ZAQ:
-                  minus the mean L1 logit difference; no stock recipe uses it)
-================  ===========================================================================
+A recipe declares; :mod:`dfq.pipeline.finetune` executes. The generator terms it weights are the
+registered functions of :mod:`dfq.pipeline.generator_terms` (formulas in
+:mod:`dfq.pipeline.losses`).
 
 The student of a generative recipe distils on batches that are half generator images, half
 BN-inversion images (``student_fixed``). Student terms: ``T^2 KL`` distillation at ``temperature``
-always, ``student_ce`` times CE to the
-generator's labels, for DDAQ ``student_discrepancy`` times the fooling term, and
-``student_features`` times the layer-output distillation (every quantized conv's output against
-the same layer of the FP model, BN folded, on the same images; :func:`losses.feature_distillation`). Weights follow the
-papers where they state them (GDFQ's BNS weight 0.1); elsewhere they were set once so that each
-term starts at a magnitude comparable to the cross-entropy, and are the same for every model.
+always, ``student_ce`` times CE to the generator's labels, for DDAQ ``student_discrepancy`` times
+the fooling term, and ``student_features`` times the layer-output distillation (every quantized
+conv's output against the same layer of the FP model, BN folded, on the same images;
+:func:`dfq.pipeline.losses.feature_distillation`). Weights follow the papers where they state them
+(GDFQ's BNS weight 0.1); elsewhere they were set once so that each term starts at a magnitude
+comparable to the cross-entropy, and are the same for every model.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-GENERATOR_TERMS = ("ce", "bns", "slack_bns", "layerwise", "correlation", "centroid", "diversity",
-                   "bn_adversarial", "discrepancy", "centre", "pair", "consistency", "adversarial")
+from dfq.pipeline.generator_terms import TERMS
+from dfq.pipeline.generators import GENERATORS
+
+# generator kinds besides the image generators: no fine-tuning, or fine-tuning on the fixed
+# BN-inversion set
+NO_GENERATOR = ("none", "fixed")
 
 
 @dataclass(frozen=True)
@@ -50,9 +37,8 @@ class Recipe:
     student_features: float = 0.0       # layer-output distillation against the FP model
     student_mixup: float = 0.0          # fraction of each student batch replaced by mixed pairs
     # Generative recipes: fraction of each student batch drawn from the BN-inversion (calibration)
-    # images instead of the generator. 0.5 for every generative recipe (the data the student sees
-    # is the fine-tuning stage's, not the method's). Measured, ResNet-20 W4A4 acq fast, 8-bit
-    # residuals, seeds 0 / 1: drop 2.66 / 2.69 with it, 3.12 / 3.31 without.
+    # images instead of the generator; the same for every generative recipe (the data the student
+    # sees is the fine-tuning stage's, not the method's; README "Methods" has the measurements).
     student_fixed: float = 0.5
     slack_delta: float = 0.1            # DSG margin, in running-std units
     layerwise_boost: float = 1.0        # DSG: weight (1 + boost) on each sample's chosen layer
@@ -62,15 +48,26 @@ class Recipe:
     bn_group: int = 8                   # DDAQ: samples per BN-statistics token
 
     def __post_init__(self) -> None:
-        unknown = set(self.terms) - set(GENERATOR_TERMS)
+        unknown = set(self.terms) - set(TERMS)
         if unknown:
             raise ValueError(f"recipe {self.name}: unknown terms {sorted(unknown)}")
-        if self.generator not in ("none", "fixed", "conditional", "acq"):
+        if self.generator not in NO_GENERATOR + tuple(GENERATORS):
             raise ValueError(f"recipe {self.name}: unknown generator kind {self.generator!r}")
 
     @property
     def trains(self) -> bool:
         return self.generator != "none"
+
+    @property
+    def generative(self) -> bool:
+        """Whether the student trains on images of a generator trained alongside it."""
+        return self.generator in GENERATORS
+
+    def synthesis_budget(self, budget: str) -> str:
+        """The budget of the BN-inversion set: generative recipes spend the budget on fine-tuning;
+        their BN-inversion images only initialise the activation ranges (which then train) and
+        fill half of each student batch, so they use the fast set."""
+        return "fast" if self.generative else budget
 
     def to_dict(self) -> dict:
         return asdict(self)

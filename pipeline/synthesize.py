@@ -37,7 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfq.common import distributed as D
 from dfq.common.progress import progress as progress_bar
+from dfq.pipeline.losses import bn_stats_distance
 from dfq.pipeline.models import is_small_input
 
 __all__ = [
@@ -109,7 +111,7 @@ class SynthConfig:
     @classmethod
     def for_budget(cls, budget: Budget, input_size: tuple[int, int, int],
                    seed: int = 0) -> "SynthConfig":
-        """Measured presets (2-core CPU, torch 2.14, see README/report for the numbers).
+        """Presets sized for a 2-core CPU (README "Options" gives the wall times).
 
         Small inputs (H*W <= 64*64, CIFAR-style) and large inputs (ImageNet-style) get separate
         tables; large inputs cost ~50x more per image and step, so they get fewer images/steps.
@@ -150,8 +152,8 @@ _BUDGETS_LARGE: dict[str, tuple[int, int, int, float]] = {
 def _mean_var_forward(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # Per-sample moments over the (contiguous) spatial dims, then the law of total variance:
     #   var_c = mean_b(m2_bc - mb_bc^2) + mean_b((mb_bc - mu_c)^2),
-    # with the sum of squares as a batched dot product (no full-size temporary). Measured on a
-    # 2-core CPU this is 1.3-2x faster than torch.var_mean over (0, 2, 3) for BN-sized tensors.
+    # with the sum of squares as a batched dot product (no full-size temporary), which is faster
+    # on the CPU than torch.var_mean over (0, 2, 3) for BN-sized tensors.
     # The per-sample E[a^2] - E[a]^2 can lose digits only when |mean| >> std inside one
     # (sample, channel) map, which BN inputs do not show; it is clamped at 0.
     flat = a.flatten(2)                                   # [B, C, S]
@@ -271,10 +273,8 @@ class BNStatsHook:
         for i in self._recorded():
             bn = self.layers[i]
             mu, var = self.means[i], self.vars[i]
-            rm = bn.running_mean.to(mu.dtype)
-            rs = torch.sqrt(bn.running_var.to(var.dtype) + bn.eps)
-            terms.append(torch.linalg.vector_norm(mu - rm)
-                         + torch.linalg.vector_norm(torch.sqrt(var + bn.eps) - rs))
+            terms.append(bn_stats_distance(mu, var, bn.running_mean.to(mu.dtype), bn.running_var.to(var.dtype),
+                                           bn.eps))
         return torch.stack(terms)
 
     def loss(self) -> torch.Tensor:
@@ -536,16 +536,34 @@ def _invert_batch(model: nn.Module, labels: torch.Tensor, chw: tuple[int, int, i
 def synthesize(model: nn.Module, input_size: tuple[int, int, int],
                mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor,
                num_classes: int, config: SynthConfig, *, progress: bool = True,
-               log: list[dict] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               log: list[dict] | None = None, dist_info: D.DistInfo = D.SINGLE) -> tuple[torch.Tensor, torch.Tensor]:
     """All of :func:`synthesize_batches` concatenated: ``(images [N, C, H, W], labels [N] int64)``
     with ``N = config.num_images``, images in the model's normalised input space clamped to the
-    range of ``[0, 1]`` pixels, labels the targets used (see :func:`target_labels`)."""
+    range of ``[0, 1]`` pixels, labels the targets used (see :func:`target_labels`).
+
+    In a torchrun run (``dist_info``) each rank makes the batches ``k`` with ``k % world == rank``
+    and every rank returns the whole set, in batch order: the same images as a single process."""
     xs, ys = [], []
     for x, y in synthesize_batches(model, input_size, mean, std, num_classes, config,
-                                   progress=progress, log=log):
+                                   progress=progress and dist_info.main, log=log,
+                                   shard=(dist_info.rank, dist_info.world)):
         xs.append(x)
         ys.append(y)
-    return torch.cat(xs), torch.cat(ys)
+    if not dist_info.enabled:
+        return torch.cat(xs), torch.cat(ys)
+    return _gather_batches(xs, ys, config, input_size, dist_info)
+
+
+def _gather_batches(xs: list[torch.Tensor], ys: list[torch.Tensor], config: SynthConfig,
+                    input_size: tuple[int, int, int], info: D.DistInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's batches, gathered and put back in the order of their global image index."""
+    mine = [b for b in range(config.num_batches) if b % info.world == info.rank]
+    index = (torch.cat([torch.arange(b * config.batch_size, b * config.batch_size + len(y)) for b, y in zip(mine, ys)])
+             if ys else torch.zeros(0, dtype=torch.int64))
+    local_x = torch.cat(xs) if xs else torch.zeros(0, *input_size)
+    local_y = torch.cat(ys) if ys else torch.zeros(0, dtype=torch.int64)
+    order = D.all_gather_cat(index, info).argsort()
+    return D.all_gather_cat(local_x.contiguous(), info)[order], D.all_gather_cat(local_y, info)[order]
 
 
 @torch.no_grad()

@@ -18,7 +18,8 @@ from dfq.common.errors import BackendUnavailableError, EngineNotBuiltError, Spee
 from dfq.export import bench
 from dfq.export import tensorrt as trt_mod
 from dfq.export.bench import (RECORD_FIELDS, SCHEMA, check_min_speedup, compare_to_baseline, default_fp_path,
-                              make_record, resolve_fp_path)
+                              resolve_fp_path)
+from dfq.export.runtimes import make_record
 from dfq.export.tensorrt import convert_to_fp16, onnx_input_shape, summarize_engine_layers, trtexec_command
 from tests.tiny import tiny_images, tiny_resnet
 
@@ -31,9 +32,10 @@ FAST = ["--iterations", "4", "--warmup", "1", "--threads", "1"]
 def _export(tmp, target):
     from dfq.export.onnx_export import export_onnx
     from dfq.pipeline.calibrate import calibrate
-    from dfq.pipeline.quantize import QuantConfig, quantize
+    from dfq.pipeline.quantize import quantize
+    from tests.tiny import qconfig
 
-    qm = quantize(tiny_resnet(0), QuantConfig(bits=8, target=target), tiny_images(2))
+    qm = quantize(tiny_resnet(0), qconfig(bits=8, target=target), tiny_images(2))
     calibrate(qm, tiny_images(32, seed=5))
     q, fp = tmp / f"{target}.onnx", tmp / f"{target}.fp32.onnx"
     export_onnx(qm, q, fp_path=fp)
@@ -160,7 +162,9 @@ def test_baseline_pass_fail_missing():
 
 def test_missing_tensorrt_exit_9(models, capsys, monkeypatch):
     q, _ = models["tensorrt"]
-    monkeypatch.setattr(trt_mod, "tensorrt_status",
+    from dfq.export.runtimes import tensorrt as trt_runtime
+
+    monkeypatch.setattr(trt_runtime, "tensorrt_status",
                         lambda: (False, "no CUDA device is visible (torch.cuda.is_available() is False)"))
     assert bench_cli.main([str(q), *FAST, "--backend", "onnxruntime-cpu", "--backend", "tensorrt"]) == 9
     err = capsys.readouterr().err
@@ -188,14 +192,14 @@ def test_missing_cuda_ep_exit_9(models, capsys, monkeypatch):
 def test_cuda_ep_cpu_fallback_is_refused(models, monkeypatch):
     """ORT falls back to the CPU when the CUDA provider cannot start: never report that as CUDA."""
     q, _ = models["onnxruntime"]
-    from dfq.export import ort_runtime
+    from dfq.export.runtimes import onnxruntime as ort_runtimes
 
     class FakeSession:
         def get_providers(self):
             return ["CPUExecutionProvider"]
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(ort_runtime, "make_session", lambda *a, **k: FakeSession())
+    monkeypatch.setattr(ort_runtimes, "make_session", lambda *a, **k: FakeSession())
     with pytest.raises(BackendUnavailableError, match="fell back"):
         bench.run_bench(q, backends=["onnxruntime-cuda"], threads=1, budget=bench.Budget(warmup=0, iterations=1))
 

@@ -82,9 +82,9 @@ def _job(tmp_path, out, **kw):
 
 @pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
 def test_end_to_end_export_writes_verified_artifacts(tmp_path, target):
-    from dfq.job import run_export
+    from dfq.run import run_export
 
-    report = run_export(_job(tmp_path, "r20.onnx", target=target), log=lambda m: None)
+    report = run_export(_job(tmp_path, "r20.onnx", target=target), log=lambda m: None).to_dict()
     for name in ("r20.onnx", "r20.fp32.onnx", "r20.report.json", "r20.report.md"):
         assert (tmp_path / name).stat().st_size > 0
     saved = json.loads((tmp_path / "r20.report.json").read_text())
@@ -96,7 +96,7 @@ def test_end_to_end_export_writes_verified_artifacts(tmp_path, target):
     if target == "onnxruntime":   # measured against ORT's integer arithmetic; the float model kept beside
         assert report["fidelity"]["reference_float_nodes"] == []
         assert 0.9 <= report["fidelity"]["agreement_float_fakequant"] <= 1.0
-    assert saved["tensorrt_rule_violations"] == []
+    assert saved["rule_violations"] == []
     assert saved["latency"][0]["speedup"] > 0
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
@@ -104,7 +104,7 @@ def test_end_to_end_export_writes_verified_artifacts(tmp_path, target):
 def test_engine_without_tensorrt_writes_onnx_and_explains(tmp_path):
     from dfq.common.errors import EngineNotBuiltError
     from dfq.export.tensorrt import tensorrt_status
-    from dfq.job import run_export
+    from dfq.run import run_export
 
     if tensorrt_status()[0]:
         pytest.skip("TensorRT and a CUDA device are present: the engine would be built")
@@ -129,11 +129,11 @@ def test_cli_subprocess_exit_codes(tmp_path):
 
 
 def test_end_to_end_acq_fine_tunes_and_cleans_its_checkpoint(tmp_path):
-    from dfq.job import run_export
+    from dfq.run import run_export
 
     job = _job(tmp_path, "r20.onnx", method="acq", bits=4,
                finetune_overrides={"steps": 3, "batch": 8, "warmup_steps": 1, "latent": 16})
-    report = run_export(job, log=lambda m: None)
+    report = run_export(job, log=lambda m: None).to_dict()
     ft = report["finetune"]
     assert ft["ran"] and ft["recipe"]["name"] == "acq" and ft["result"]["steps"] == 3
     kd = ft["heldout_kd"]   # data-free health check on held-out synthetic images, before and after
@@ -155,12 +155,13 @@ def test_leftover_checkpoint_needs_resume_or_force(tmp_path):
 def test_artifact_failing_its_check_is_moved_aside(tmp_path, monkeypatch):
     # a verification failure (here: an agreement threshold no artifact can meet) exits 8, keeps the
     # report that says why, and leaves nothing at the ONNX path a deployment would pick up
-    import dfq.job
+    import dfq.stages
     from dfq.common.errors import VerificationError
+    from dfq.run import run_export
 
-    monkeypatch.setattr(dfq.job, "MIN_AGREEMENT", 1.01)
+    monkeypatch.setattr(dfq.stages, "MIN_AGREEMENT", 1.01)
     with pytest.raises(VerificationError) as err:
-        dfq.job.run_export(_job(tmp_path, "r20.onnx"), log=lambda m: None)
+        run_export(_job(tmp_path, "r20.onnx"), log=lambda m: None)
     assert err.value.exit_code == 8 and "r20.rejected.onnx" in str(err.value)
     assert not (tmp_path / "r20.onnx").exists() and (tmp_path / "r20.rejected.onnx").stat().st_size > 0
     saved = json.loads((tmp_path / "r20.report.json").read_text())
@@ -169,12 +170,12 @@ def test_artifact_failing_its_check_is_moved_aside(tmp_path, monkeypatch):
 
 
 def test_same_seed_same_machine_gives_identical_artifact_and_numbers(tmp_path):
-    from dfq.job import run_export
+    from dfq.run import run_export
 
     reports = []
     for sub in ("a", "b"):
         (tmp_path / sub).mkdir()
-        reports.append(run_export(_job(tmp_path, f"{sub}/r20.onnx"), log=lambda m: None))
+        reports.append(run_export(_job(tmp_path, f"{sub}/r20.onnx"), log=lambda m: None).to_dict())
     assert (tmp_path / "a/r20.onnx").read_bytes() == (tmp_path / "b/r20.onnx").read_bytes()
     assert (tmp_path / "a/r20.fp32.onnx").read_bytes() == (tmp_path / "b/r20.fp32.onnx").read_bytes()
     for key in ("fidelity", "calibration", "quant", "synthesis"):
@@ -187,15 +188,16 @@ def test_same_seed_same_machine_gives_identical_artifact_and_numbers(tmp_path):
 def test_finetuning_that_worsens_the_heldout_kl_is_not_exported(tmp_path, monkeypatch):
     # the data-free criterion says fine-tuning made things worse -> the calibrated model is exported,
     # byte for byte the one a run without fine-tuning exports
-    import dfq.pipeline.calibrate as C
-    import dfq.pipeline.finetune as F
-    from dfq.job import run_export
+    import dfq.stages as C
+    import dfq.stages as F
+    from dfq.run import run_export
 
     ft = {"steps": 3, "batch": 8, "warmup_steps": 1, "latent": 16}
     values = iter([0.1, 0.2])
     monkeypatch.setattr(C, "heldout_kd", lambda *a, **k: next(values))
     (tmp_path / "a").mkdir()
-    rep = run_export(_job(tmp_path, "a/r20.onnx", method="acq", bits=4, finetune_overrides=ft), log=lambda m: None)
+    rep = run_export(_job(tmp_path, "a/r20.onnx", method="acq", bits=4, finetune_overrides=ft),
+                     log=lambda m: None).to_dict()
     assert rep["finetune"]["exported"] == "calibrated (before fine-tuning)"
     assert rep["finetune"]["result"]["steps"] == 3
 
@@ -212,7 +214,7 @@ def test_finetuning_that_worsens_the_heldout_kl_is_not_exported(tmp_path, monkey
 
 def test_keep_8bit_patterns(tmp_path, capsys):
     from dfq.cli import _layer_policy
-    from dfq.job import run_export
+    from dfq.run import run_export
 
     assert _layer_policy(None) is None
     assert _layer_policy(["layer1.*"]) == ("@first", "@last", "layer1.*")
@@ -225,7 +227,7 @@ def test_keep_8bit_patterns(tmp_path, capsys):
     assert "--keep-8bit 'layer9.*' matches no conv/linear layer" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
     report = run_export(_job(tmp_path, "w4.onnx", bits=4, keep_8bit=("@first", "@last", "layer3.2.*")),
-                        log=lambda m: None)
+                        log=lambda m: None).to_dict()
     bits = report["quant"]["layer_bits"]
     assert bits["layer3.2.conv1"] == bits["layer3.2.conv2"] == bits["conv1"] == bits["linear"] == 8
     assert bits["layer3.1.conv2"] == 4

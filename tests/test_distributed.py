@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dfq.distributed import DistInfo
+from dfq.common.distributed import DistInfo
 
 
 def _free_port() -> int:
@@ -33,19 +33,23 @@ def _worker(rank, world, port, out_dir, method, steps, stop_after, resume, tag):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from dfq.pipeline.finetune import FinetuneConfig, Finetuner, finetune
+        from dfq.pipeline.finetune import FinetuneConfig, finetune
+        from dfq.pipeline.generators import GENERATORS
         from dfq.pipeline.recipes import get_recipe
         from tests.test_finetune import SIZE, _setup
 
         draws = []   # what this rank's generator was fed: noise and labels of every step
-        sample = Finetuner._sample
 
-        def recording_sample(self, gen):
-            z, labels, centres = sample(self, gen)
-            draws.append(hashlib.sha256(z.numpy().tobytes() + labels.numpy().tobytes()).hexdigest())
-            return z, labels, centres
+        def recording(sample):
+            def recording_sample(self, *args):
+                z, labels, centres = sample(self, *args)
+                draws.append(hashlib.sha256(z.numpy().tobytes() + labels.numpy().tobytes()).hexdigest())
+                return z, labels, centres
+            return recording_sample
 
-        Finetuner._sample = recording_sample
+        for cls in GENERATORS.values():
+            if "sample" in vars(cls):
+                cls.sample = recording(cls.sample)
 
         teacher, qm = _setup(seed=2)
         if rank == 1:   # DDP must broadcast rank 0's parameters: start rank 1 from different ones

@@ -10,8 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 from dfq.export.exact import exact_integer_graph
 from dfq.export.onnx_export import build_onnx
 from dfq.pipeline.calibrate import calibrate
-from dfq.pipeline.quantize import QuantConfig, quantize
-from tests.tiny import tiny_images, tiny_resnet
+from dfq.pipeline.quantize import quantize
+from tests.tiny import tiny_images, tiny_resnet, qconfig
 
 
 def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
@@ -74,7 +74,7 @@ def test_exact_graph_refuses_graphs_without_quantized_convs():
 def test_exact_graph_matches_float64_fake_quant_model(target):
     """The integer-exact evaluation is closer to the float64 fake-quant model than ORT's
     unfused float path, and agrees with it on every image of a tiny ResNet."""
-    qm = quantize(tiny_resnet(1), QuantConfig(bits=8, target=target), tiny_images(2))
+    qm = quantize(tiny_resnet(1), qconfig(bits=8, target=target), tiny_images(2))
     calibrate(qm, tiny_images(96, seed=3))
     art = build_onnx(qm)
     x = tiny_images(300, seed=11)

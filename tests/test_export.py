@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from dfq.export.onnx_export import build_onnx, export_onnx
-from dfq.export.qdq import needs_clip
 from dfq.export.rules import tensorrt_violations
 from dfq.kernels.fake_quant import Grid
 from dfq.pipeline.calibrate import calibrate
-from dfq.pipeline.quantize import QuantConfig, quantize
-from tests.tiny import tiny_images, tiny_resnet
+from dfq.export.targets import get_target
+from dfq.pipeline.quantize import quantize
+from tests.tiny import tiny_images, tiny_resnet, qconfig
 
 
 def _quantized(bits, target, seed=0):
-    qm = quantize(tiny_resnet(seed), QuantConfig(bits=bits, target=target), tiny_images(2))
+    qm = quantize(tiny_resnet(seed), qconfig(bits=bits, target=target), tiny_images(2))
     calibrate(qm, tiny_images(96, seed=seed + 5))
     return qm
 
@@ -102,10 +102,11 @@ def test_reexport_is_byte_identical(tmp_path):
 
 
 def test_clip_only_where_container_is_wider_than_grid():
-    assert not needs_clip(Grid(0, 255), "onnxruntime")
-    assert not needs_clip(Grid(-128, 127), "onnxruntime")
-    assert not needs_clip(Grid(0, 127), "tensorrt")
-    assert needs_clip(Grid(0, 15), "tensorrt") and needs_clip(Grid(-8, 7), "onnxruntime")
+    ort, trt = get_target("onnxruntime").qdq, get_target("tensorrt").qdq
+    assert not ort.needs_clip(Grid(0, 255))
+    assert not ort.needs_clip(Grid(-128, 127))
+    assert not trt.needs_clip(Grid(0, 127))
+    assert trt.needs_clip(Grid(0, 15)) and ort.needs_clip(Grid(-8, 7))
 
 
 def test_weights_are_int8_per_channel_and_int32_bias_for_onnxruntime():
@@ -135,7 +136,7 @@ def test_onnxruntime_weights_cannot_saturate_avx2_kernels():
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).eval()
     model[3].weight.data = model[3].weight.data.abs()
     x = torch.rand(64, 3, 8, 8) * 4
-    q = quantize(model, QuantConfig(bits=8, target="onnxruntime", keep_8bit=()), x[:2])
+    q = quantize(model, qconfig(bits=8, target="onnxruntime", keep_8bit=()), x[:2])
     calibrate(q, x)
     with torch.no_grad():
         ref = q(x).numpy()

@@ -1,22 +1,23 @@
 import pytest
 import torch
 
-from dfq.kernels.fake_quant import (Grid, activation_grid, fake_quantize, mse_optimal_scale,
+from dfq.export.targets import get_target
+from dfq.kernels.fake_quant import (Grid, fake_quantize, mse_optimal_scale,
                                     quantize_to_int, weight_grid)
 
 
 def test_grids_per_target():
-    assert activation_grid(8, False, "onnxruntime") == Grid(0, 255)
-    assert activation_grid(8, False, "tensorrt") == Grid(0, 127)
-    assert activation_grid(8, True, "onnxruntime") == Grid(-128, 127)
-    assert activation_grid(4, False, "tensorrt") == Grid(0, 15)
-    assert activation_grid(4, True, "onnxruntime") == Grid(-8, 7)
+    assert get_target("onnxruntime").scheme.activation_grid(8, False) == Grid(0, 255)
+    assert get_target("tensorrt").scheme.activation_grid(8, False) == Grid(0, 127)
+    assert get_target("onnxruntime").scheme.activation_grid(8, True) == Grid(-128, 127)
+    assert get_target("tensorrt").scheme.activation_grid(4, False) == Grid(0, 15)
+    assert get_target("onnxruntime").scheme.activation_grid(4, True) == Grid(-8, 7)
     assert weight_grid(8) == Grid(-127, 127)
     assert weight_grid(4) == Grid(-8, 7)
     with pytest.raises(ValueError):
         weight_grid(3)
     with pytest.raises(ValueError):
-        activation_grid(8, True, "tflite")
+        get_target("tflite")
 
 
 def test_rounding_is_half_to_even_and_clamped_exactly():

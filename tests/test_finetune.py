@@ -13,9 +13,9 @@ from dfq.pipeline.discriminators import (BNStatsDiscriminator, DiscrepancyDiscri
 from dfq.pipeline.finetune import FinetuneConfig, Finetuner, finetune
 from dfq.pipeline.generators import (AttentionConditionalGenerator, ConditionalGenerator, make_generator,
                                      sample_centres)
-from dfq.pipeline.quantize import QuantConfig, quantize
+from dfq.pipeline.quantize import quantize
 from dfq.pipeline.recipes import RECIPES, Recipe, get_recipe
-from tests.tiny import tiny_images, tiny_resnet
+from tests.tiny import tiny_images, tiny_resnet, qconfig
 
 SIZE = (3, 16, 16)
 
@@ -81,7 +81,7 @@ def test_bn_discriminator_learns_to_tell_shifted_statistics():
 
 
 def test_discrepancy_discriminator_and_importance_prior():
-    qm = quantize(tiny_resnet(0), QuantConfig(bits=4, target="onnxruntime"), tiny_images(2))
+    qm = quantize(tiny_resnet(0), qconfig(bits=4, target="onnxruntime"), tiny_images(2))
     layers = [m for m in qm.layers().values()]
     prior = importance_prior(layers)
     assert prior.shape == (len(layers),) and torch.isclose(prior.mean(), torch.tensor(1.0))
@@ -106,7 +106,7 @@ def _setup(bits=4, seed=0):
     teacher = tiny_resnet(seed)
     with torch.no_grad():
         teacher.fc.weight.mul_(20)   # confident logits, so distillation has something to learn
-    qm = quantize(teacher, QuantConfig(bits=bits, target="onnxruntime"), tiny_images(2))
+    qm = quantize(teacher, qconfig(bits=bits, target="onnxruntime"), tiny_images(2))
     calibrate(qm, tiny_images(64, seed=seed + 3))
     return teacher, qm
 
@@ -162,9 +162,9 @@ def test_twin_forward_leaves_the_students_recorded_layer_outputs_alone():
     x = tiny_images(4, seed=5)
     with torch.no_grad():
         qm.module(x)
-        student = [t.clone() for t in tuner._student_layers()]
-        twin = tuner._twin_layers(x)
-    assert all(torch.equal(a, b) for a, b in zip(student, tuner._student_layers()))
+        student = [t.clone() for t in tuner.student_layers()]
+        twin = tuner.twin_layers(x)
+    assert all(torch.equal(a, b) for a, b in zip(student, tuner.student_layers()))
     assert any(not torch.equal(a, b) for a, b in zip(student, twin))   # W4A4 differs from FP
 
 

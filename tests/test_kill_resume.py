@@ -13,7 +13,8 @@ DRIVER = r"""
 import json, os, signal, sys, torch
 torch.set_num_threads(1)
 import dfq.common.files as files
-from dfq.job import ExportJob, run_export
+from dfq.job import ExportJob
+from dfq.run import run_export
 args = json.loads(sys.argv[1])
 if args["kill_in_write"]:
     # a real SIGKILL at a fixed point, not a timed race: halfway through that many-th file write

@@ -28,7 +28,7 @@ def test_mission_command_writes_a_tensorrt_valid_onnx(tmp_path, monkeypatch, cap
     # TensorRT's flavour: INT8 Q/DQ with zero points 0, no space-to-depth rewrite
     assert all(n.op_type != "SpaceToDepth" for n in model.graph.node)
     report = json.loads((tmp_path / "r18.report.json").read_text())
-    assert report["quant"]["target"] == "tensorrt" and report["tensorrt_rule_violations"] == []
+    assert report["quant"]["target"] == "tensorrt" and report["rule_violations"] == []
     assert not (tmp_path / "r18.finetune.ckpt").exists()
     if not trt_here:
         # the printed command builds that very file, with the input shapes TensorRT needs

@@ -10,8 +10,8 @@ import torch
 from dfq.export.onnx_export import build_onnx
 from dfq.export.ort_reference import OrtIntegerReference
 from dfq.pipeline.calibrate import calibrate
-from dfq.pipeline.quantize import QuantConfig, quantize
-from tests.tiny import tiny_images, tiny_resnet
+from dfq.pipeline.quantize import quantize
+from tests.tiny import tiny_images, tiny_resnet, qconfig
 
 
 def _optimized_ops(model: onnx.ModelProto, tmp_path) -> collections.Counter:
@@ -31,7 +31,7 @@ def _ort(model: onnx.ModelProto, x: torch.Tensor) -> np.ndarray:
 
 @pytest.mark.parametrize("bits,reduce_range", [(8, True), (8, False), (4, True)])
 def test_reference_equals_ort_fused_kernels(bits, reduce_range, tmp_path):
-    qm = quantize(tiny_resnet(3, width=16), QuantConfig(bits=bits, target="onnxruntime", reduce_range=reduce_range),
+    qm = quantize(tiny_resnet(3, width=16), qconfig(bits=bits, target="onnxruntime", reduce_range=reduce_range),
                   tiny_images(2))
     calibrate(qm, tiny_images(96, seed=4))
     ex = build_onnx(qm)
@@ -54,7 +54,7 @@ def test_reference_equals_ort_fused_kernels(bits, reduce_range, tmp_path):
 def test_reference_sees_a_wrong_artifact():
     """A scale the artifact got wrong shows as a large difference (the reference reads the torch
     model, not the ONNX)."""
-    qm = quantize(tiny_resnet(5, width=16), QuantConfig(bits=8, target="onnxruntime"), tiny_images(2))
+    qm = quantize(tiny_resnet(5, width=16), qconfig(bits=8, target="onnxruntime"), tiny_images(2))
     calibrate(qm, tiny_images(96, seed=6))
     ex = build_onnx(qm)
     ref = OrtIntegerReference(qm)
@@ -74,7 +74,7 @@ def test_reference_sees_a_wrong_artifact():
 
 
 def test_reference_needs_the_onnxruntime_target():
-    qm = quantize(tiny_resnet(0), QuantConfig(bits=8, target="tensorrt"), tiny_images(2))
+    qm = quantize(tiny_resnet(0), qconfig(bits=8, target="tensorrt"), tiny_images(2))
     with pytest.raises(ValueError, match="onnxruntime target"):
         OrtIntegerReference(qm)
 
@@ -85,7 +85,7 @@ def test_reference_on_resnet20(shared_dir):
 
     loaded = load_model(shared_dir / "models" / "cifar10" / "resnet20-12fca82f.th")
     gen = torch.Generator().manual_seed(0)
-    qm = quantize(loaded.model, QuantConfig(bits=8, target="onnxruntime"), torch.randn(2, 3, 32, 32, generator=gen))
+    qm = quantize(loaded.model, qconfig(bits=8, target="onnxruntime"), torch.randn(2, 3, 32, 32, generator=gen))
     calibrate(qm, torch.randn(64, 3, 32, 32, generator=gen))
     ex = build_onnx(qm)
     x = torch.randn(200, 3, 32, 32, generator=gen)

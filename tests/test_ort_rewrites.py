@@ -13,8 +13,9 @@ from dfq.export.onnx_export import build_onnx
 from dfq.export.ort_rewrites import space_to_depth_stem, space_to_depth_weights, stem_plan
 from dfq.export.ort_runtime import optimized_op_types
 from dfq.pipeline.calibrate import calibrate
-from dfq.pipeline.quantize import QuantConfig, quantize
-from tests.tiny import Block, randomize_bn
+from dfq.export.targets import get_target
+from dfq.pipeline.quantize import quantize
+from tests.tiny import Block, randomize_bn, qconfig
 
 
 def onnx_space_to_depth(x: np.ndarray, s: int) -> np.ndarray:
@@ -71,7 +72,7 @@ def _stem_model(target: str, bits: int = 8, k: int = 7):
     torch.manual_seed(0)
     model = randomize_bn(StemNet(k)).eval()
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    qm = quantize(model, QuantConfig(bits=bits, target=target), x[:2])
+    qm = quantize(model, qconfig(bits=bits, target=target), x[:2])
     calibrate(qm, x, batch_size=8)
     return qm, x
 
@@ -86,7 +87,7 @@ def test_stem_rewrite_is_bit_exact_and_keeps_the_fused_kernels(tmp_path, bits):
     # the same artifact without the rewrite (its last step)
     from dfq.export import onnx_export
 
-    plain = onnx_export.simplify(onnx_export.insert_qdq(exported.emitted.model, exported.emitted.table, "onnxruntime"))
+    plain = onnx_export.simplify(onnx_export.insert_qdq(exported.emitted.model, exported.emitted.table, get_target("onnxruntime").qdq))
     assert space_to_depth_stem(plain)[1] == ["conv1"]
     paths = {}
     for name, model in (("plain", plain), ("rewritten", exported.qdq)):

@@ -18,7 +18,8 @@ import dfq.common.files as files
 from dfq.cli import main
 from dfq.common.errors import OutputError
 from dfq.common.progress import LineProgress, progress
-from dfq.job import ExportJob, run_export
+from dfq.job import ExportJob
+from dfq.run import run_export
 from dfq.pipeline.load import load_model
 
 OUTPUTS = ("r20.onnx", "r20.fp32.onnx", "r20.report.json", "r20.report.md")
@@ -44,7 +45,7 @@ def test_fp32_twin_is_the_fp_model_not_the_finetuned_one(tmp_path):
     # fine-tuning with a large learning rate moves the float weights far from the FP model's
     ft = {"steps": 4, "batch": 8, "warmup_steps": 1, "latent": 16, "lr_weights": 1e-2}
     job = _job(tmp_path, method="acq", bits=4, finetune_overrides=ft)
-    report = run_export(job, log=lambda m: None)
+    report = run_export(job, log=lambda m: None).to_dict()
     assert report["finetune"]["ran"]
     fp = load_model(job.model).model
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))

@@ -17,8 +17,8 @@ from dfq.export.onnx_export import build_onnx
 from dfq.export.rules import tensorrt_violations
 from dfq.pipeline.calibrate import calibrate
 from dfq.pipeline.load import load_checkpoint, load_model
-from dfq.pipeline.quantize import QuantConfig, quantize
-from tests.tiny import randomize_bn
+from dfq.pipeline.quantize import quantize
+from tests.tiny import randomize_bn, qconfig
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -101,7 +101,7 @@ def test_random_conv_nets_export_faithfully(depth, width, data, residual, relu6,
     strides = [data.draw(st.sampled_from([1, 2])) for _ in range(depth)]
     net = randomize_bn(_Net(widths, kernels, strides, residual, relu6), seed).eval()
     x = torch.randn(64, 3, 12, 12, generator=torch.Generator().manual_seed(seed))
-    qm = quantize(net, QuantConfig(bits=bits, target=target), x[:2])
+    qm = quantize(net, qconfig(bits=bits, target=target), x[:2])
     calibrate(qm, x)
     art = build_onnx(qm)
     if target == "tensorrt":

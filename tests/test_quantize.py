@@ -3,10 +3,11 @@ import torch
 from torch import nn
 
 from dfq.common.errors import UnsupportedModelError
-from dfq.pipeline.calibrate import bias_correct, calibrate
+from dfq.pipeline.bias_correction import bias_correct
+from dfq.pipeline.calibrate import calibrate
 from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear, fold_bn_into_conv
-from dfq.pipeline.quantize import QuantConfig, quantize
-from tests.tiny import randomize_bn, tiny_images, tiny_resnet
+from dfq.pipeline.quantize import quantize
+from tests.tiny import randomize_bn, tiny_images, tiny_resnet, qconfig
 
 
 def test_bn_folding_exact_in_float64():
@@ -23,7 +24,7 @@ def test_bn_folding_exact_in_float64():
 def test_quant_conv_tune_mode_equals_conv_bn_when_quantizers_off():
     model = tiny_resnet()
     x = tiny_images(8)
-    qm = quantize(model, QuantConfig(bits=8), x[:2])
+    qm = quantize(model, qconfig(bits=8), x[:2])
     qm.set_enabled(weights=False, activations=False)
     with torch.no_grad():
         torch.testing.assert_close(qm(x), model(x), rtol=1e-5, atol=1e-5)
@@ -34,17 +35,17 @@ def test_quant_conv_tune_mode_equals_conv_bn_when_quantizers_off():
 
 
 def test_layer_policy_first_and_last_at_8_bits():
-    qm = quantize(tiny_resnet(), QuantConfig(bits=4), tiny_images(2))
+    qm = quantize(tiny_resnet(), qconfig(bits=4), tiny_images(2))
     assert qm.layer_bits["stem"] == 8 and qm.layer_bits["fc"] == 8
     assert qm.layer_bits["block.conv1"] == 4
     assert qm.module.get_submodule("stem").weight_quantizer.bits == 8
-    qm2 = quantize(tiny_resnet(), QuantConfig(bits=4, keep_8bit=("block.*",)), tiny_images(2))
+    qm2 = quantize(tiny_resnet(), qconfig(bits=4, keep_8bit=("block.*",)), tiny_images(2))
     assert qm2.layer_bits == {"stem": 4, "block.conv1": 8, "block.conv2": 8, "down": 4, "dw": 4, "fc": 4}
 
 
 @pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
 def test_activation_quantizer_placement_and_sign(target):
-    qm = quantize(tiny_resnet(), QuantConfig(bits=8, target=target), tiny_images(2))
+    qm = quantize(tiny_resnet(), qconfig(bits=8, target=target), tiny_images(2))
     aq = qm.act_quantizers()
     # network input is signed; post-ReLU/ReLU6 tensors unsigned; the residual branch before the
     # add is signed (conv output, no activation)
@@ -65,21 +66,21 @@ def test_activation_quantizer_placement_and_sign(target):
 
 @pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
 def test_residual_bits_only_widen_tensors_no_layer_reads(target):
-    qm = quantize(tiny_resnet(), QuantConfig(bits=4, target=target, residual_bits=8), tiny_images(2))
+    qm = quantize(tiny_resnet(), qconfig(bits=4, target=target, residual_bits=8), tiny_images(2))
     aq = qm.act_quantizers()
     assert aq["aq_block_conv2"].bits == 8          # the conv output that only the Add reads
     # the shortcut also feeds a conv (the block input is the pool output, read by block.conv1): 4 bits
     assert aq["aq_block_relu1"].bits == 4 and aq["aq_block_relu2"].bits == 4
     for name, layer in qm.layers().items():
         assert layer.weight_quantizer.bits == qm.layer_bits[name]
-    default = quantize(tiny_resnet(), QuantConfig(bits=4, target=target), tiny_images(2)).act_quantizers()
+    default = quantize(tiny_resnet(), qconfig(bits=4, target=target), tiny_images(2)).act_quantizers()
     assert {n: q.bits for n, q in default.items()} == {n: q.bits for n, q in aq.items()}   # 8 is the default
-    narrow = quantize(tiny_resnet(), QuantConfig(bits=4, target=target, residual_bits=4), tiny_images(2)).act_quantizers()
+    narrow = quantize(tiny_resnet(), qconfig(bits=4, target=target, residual_bits=4), tiny_images(2)).act_quantizers()
     assert narrow["aq_block_conv2"].bits == 4 and list(narrow) == list(aq)
 
 
 def test_calibration_picks_measured_best_and_sets_positive_scales():
-    qm = quantize(tiny_resnet(), QuantConfig(bits=4), tiny_images(2))
+    qm = quantize(tiny_resnet(), qconfig(bits=4), tiny_images(2))
     res = calibrate(qm, tiny_images(64))
     assert set(res.scores) == {"minmax", "percentile", "mse"}
     assert res.method == min(res.scores, key=res.scores.get)
@@ -91,7 +92,7 @@ def test_calibration_picks_measured_best_and_sets_positive_scales():
 
 def test_calibration_with_fewer_than_eight_images_scores_on_them():
     # the held-out quarter needs 8 images; with fewer the rules are scored on the same images
-    qm = quantize(tiny_resnet(), QuantConfig(bits=8), tiny_images(2))
+    qm = quantize(tiny_resnet(), qconfig(bits=8), tiny_images(2))
     res = calibrate(qm, tiny_images(4))
     assert set(res.scores) == {"minmax", "percentile", "mse"} and res.num_images == 4
 
@@ -103,15 +104,15 @@ def test_keep_8bit_patterns_one_matcher():
     assert unmatched_patterns(["@first", "@last", "block.*", "blok.*", "*dw*"], names) == ["blok.*", "*dw*"]
     assert layer_matches("stem", "@first", {"@first": "stem"}) and not layer_matches("fc", "@first", {"@first": "stem"})
     assert not layer_matches("Block.conv1", "block.*", {})      # case-sensitive, as module names are
-    qm = quantize(tiny_resnet(), QuantConfig(bits=4, keep_8bit=("@first", "block.*")), tiny_images(2))
+    qm = quantize(tiny_resnet(), qconfig(bits=4, keep_8bit=("@first", "block.*")), tiny_images(2))
     assert {n for n, b in qm.layer_bits.items() if b == 8} == {"stem", "block.conv1", "block.conv2"}
 
 
 def test_bits_validation():
     with pytest.raises(ValueError, match="--bits 3"):
-        QuantConfig(bits=3)
+        qconfig(bits=3)
     with pytest.raises(ValueError):
-        QuantConfig(target="tflite")
+        qconfig(target="tflite")
 
 
 def test_free_standing_batchnorm_is_refused():
@@ -125,7 +126,7 @@ def test_free_standing_batchnorm_is_refused():
             return self.conv(self.bn(x))
 
     with pytest.raises(UnsupportedModelError, match="does not directly follow a Conv2d"):
-        quantize(Bad().eval(), QuantConfig(), tiny_images(2))
+        quantize(Bad().eval(), qconfig(), tiny_images(2))
 
 
 def test_unsupported_layer_is_named():
@@ -139,7 +140,7 @@ def test_unsupported_layer_is_named():
             return self.norm(self.conv(x))
 
     with pytest.raises(UnsupportedModelError, match="'norm' \\(GroupNorm\\)"):
-        quantize(Bad().eval(), QuantConfig(), tiny_images(2))
+        quantize(Bad().eval(), qconfig(), tiny_images(2))
 
 
 def test_near_dead_channel_keeps_its_int32_bias():
@@ -152,7 +153,7 @@ def test_near_dead_channel_keeps_its_int32_bias():
         bn.bias[2] = 1.5
     model = nn.Sequential(conv, bn, nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4).eval(), nn.ReLU()).eval()
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    qm = quantize(model, QuantConfig(bits=8, target="onnxruntime", keep_8bit=()), x[:2])
+    qm = quantize(model, qconfig(bits=8, target="onnxruntime", keep_8bit=()), x[:2])
     calibrate(qm, x, holdout=x, batch_size=4)
     layer = qm.module.get_submodule("0")
     assert layer.bias_mode == "int32"
@@ -181,7 +182,7 @@ def _layer_means(qm, images):
 def test_bias_correction_restores_every_layers_mean():
     """After the correction, the quantized model's per-channel layer outputs have the FP model's
     means on the correction images (float biases: exactly up to float error)."""
-    qm = quantize(tiny_resnet(2), QuantConfig(bits=4, target="tensorrt"), tiny_images(2))
+    qm = quantize(tiny_resnet(2), qconfig(bits=4, target="tensorrt"), tiny_images(2))
     calibrate(qm, tiny_images(64))
     images = tiny_images(48, seed=7)
     qm.set_enabled(False, False)
@@ -198,9 +199,9 @@ def test_bias_correction_restores_every_layers_mean():
 
 
 def test_bias_correction_is_undone_when_the_heldout_kl_rises(monkeypatch):
-    import dfq.pipeline.calibrate as cal
+    import dfq.pipeline.bias_correction as cal
 
-    qm = quantize(tiny_resnet(2), QuantConfig(bits=4), tiny_images(2))
+    qm = quantize(tiny_resnet(2), qconfig(bits=4), tiny_images(2))
     calibrate(qm, tiny_images(64))
     state = {k: v.clone() for k, v in qm.module.state_dict().items()}
     kls = iter([1.0, 2.0])
@@ -214,9 +215,9 @@ def test_bias_correction_is_undone_when_the_heldout_kl_rises(monkeypatch):
 def test_bias_correction_is_judged_against_the_given_fp_logits(monkeypatch):
     """After fine-tuning the quantizers-off model is not the FP model: the KL that decides uses
     the FP logits passed in."""
-    import dfq.pipeline.calibrate as cal
+    import dfq.pipeline.bias_correction as cal
 
-    qm = quantize(tiny_resnet(2), QuantConfig(bits=4), tiny_images(2))
+    qm = quantize(tiny_resnet(2), qconfig(bits=4), tiny_images(2))
     calibrate(qm, tiny_images(64))
     holdout = tiny_images(8, seed=4)
     marker = torch.full((8, 10), 7.0)

@@ -70,3 +70,10 @@ def tiny_resnet(seed: int = 0, **kw) -> TinyResNet:
 
 def tiny_images(n: int = 64, size: int = 16, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def qconfig(target: str = "onnxruntime", **fields):
+    """A QuantConfig for a registered export target (default onnxruntime)."""
+    from dfq.export.targets import get_target
+
+    return get_target(target).quant_config(**fields)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torchvision
 from torch import nn
 
 from dfq.common.errors import ArchitectureError
@@ -87,8 +88,6 @@ TORCHVISION_MODELS: dict[str, tuple[int, int, str]] = {
 def _build_torchvision(name: str) -> nn.Module:
     """A torchvision classifier with random weights, eval mode, activations made out-of-place
     (``inplace=False``) so graph rewrites never see a tensor modified under them."""
-    import torchvision
-
     model = torchvision.models.get_model(name, weights=None)
     for module in model.modules():
         if getattr(module, "inplace", False) is True:

@@ -105,9 +105,12 @@ def average_gradients(params, info: DistInfo) -> None:
             p.grad /= info.world
 
 
-def barrier(info: DistInfo) -> None:
-    if info.enabled:
-        dist.barrier()
+def all_reduce_sum(tensors: list[torch.Tensor], info: DistInfo) -> None:
+    """Sum each tensor over every rank, in place (a no-op in a single process)."""
+    if not info.enabled:
+        return
+    for t in tensors:
+        dist.all_reduce(t)
 
 
 def shutdown(info: DistInfo) -> None:
