@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from dfq.common import distributed
@@ -16,6 +17,7 @@ from dfq.export.targets import target_names
 from dfq.job import ExportJob
 from dfq.run import run_export
 from dfq.pipeline.models import list_archs
+from dfq.pipeline.quantize import Precision
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="checkpoint (.pth/.pt/.th): a state_dict or a dict holding one; loaded with "
                                  "weights_only=True")
     p.add_argument("--arch", help="architecture name (default: inferred from the file name); see --list-archs")
-    p.add_argument("--bits", type=int, default=8, help="WnAn bit width: 8 or 4 (default 8)")
+    p.add_argument("--bits", default="8",
+                   help="precision: 8 (W8A8), 4 (W4A4), or weight and activation bits such as W4A8 (default 8)")
+    p.add_argument("--mixed-budget", metavar="WxAy",
+                   help="mixed precision: each layer runs at --bits or at 8 bits, chosen from the measured per-layer "
+                        "sensitivity so that the average weight bits (parameter-weighted) stay <= x and the average "
+                        "activation bits (MAC-weighted) <= y, e.g. W5A5")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="measure per-layer sensitivity (done anyway below W8A8): report table and <out>.sensitivity.png")
     p.add_argument("--target", choices=target_names(),
                    help="artifact flavour; fixes activation grids and Q/DQ placement (default: tensorrt for an "
                         ".engine/.plan output, else onnxruntime)")
@@ -80,6 +89,50 @@ def _layer_policy(patterns: list[str] | None) -> tuple[str, ...] | None:
     return base + tuple(p for p in patterns if p != "none")
 
 
+def _mixed_budget(text: str | None) -> tuple[float, float] | None:
+    """``--mixed-budget W5A5`` -> (5.0, 5.0)."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"W(\d+(?:\.\d+)?)A(\d+(?:\.\d+)?)", text.strip().upper())
+    if not m:
+        raise UsageError(f"--mixed-budget {text}: give average weight and activation bits as WxAy, e.g. W5A5 or W4.5A6.")
+    return float(m.group(1)), float(m.group(2))
+
+
+def job_from_args(args: argparse.Namespace) -> ExportJob:
+    """The :class:`ExportJob` the command line asks for (usage errors raised here)."""
+    for flag, value in (("--batch", args.batch), ("--synth-images", args.synth_images),
+                        ("--synth-steps", args.synth_steps)):
+        least = {"--batch": 2, "--synth-images": 16, "--synth-steps": 1}[flag]
+        if value is not None and value < least:
+            why = (" (8 images are held out to choose the calibration, at least 8 calibrate)"
+                   if flag == "--synth-images" else "")
+            raise UsageError(f"{flag} {value} is too small: use at least {least}{why}.")
+    synth = {}
+    if args.synth_images is not None:
+        synth["num_images"] = args.synth_images
+    if args.synth_steps is not None:
+        synth["steps"] = args.synth_steps
+    tune = {"batch": args.batch} if args.batch is not None else {}
+
+    try:
+        precision = Precision.parse(args.bits)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    job = ExportJob(model=args.model, out=args.out, arch=args.arch, bits=precision.weights,
+                    act_bits=precision.activations, target=args.target,
+                    mixed_budget=_mixed_budget(args.mixed_budget), sensitivity=args.sensitivity,
+                    method=args.method, steps=args.steps, resume=args.resume, checkpoint=args.checkpoint,
+                    val=args.val, val_limit=args.val_limit, budget=args.budget,
+                    seed=args.seed, report=args.report,
+                    reduce_range=False if args.full_range_weights else None, residual_bits=args.residual_bits,
+                    bias_correction=not args.no_bias_correction, keep_8bit=_layer_policy(args.keep_8bit),
+                    force=args.force, threads=args.threads,
+                    latency_batches=tuple(args.latency_batches or (1,)), progress=not args.no_progress,
+                    synth_overrides=synth, finetune_overrides=tune)
+    return job
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -90,29 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("a checkpoint path is required: dfq-export MODEL --out OUT.onnx")
         if not args.out:
             raise UsageError("--out is required: the path of the .onnx (or .engine) to write.")
-        for flag, value in (("--batch", args.batch), ("--synth-images", args.synth_images),
-                            ("--synth-steps", args.synth_steps)):
-            least = {"--batch": 2, "--synth-images": 16, "--synth-steps": 1}[flag]
-            if value is not None and value < least:
-                why = (" (8 images are held out to choose the calibration, at least 8 calibrate)"
-                       if flag == "--synth-images" else "")
-                raise UsageError(f"{flag} {value} is too small: use at least {least}{why}.")
-        synth = {}
-        if args.synth_images is not None:
-            synth["num_images"] = args.synth_images
-        if args.synth_steps is not None:
-            synth["steps"] = args.synth_steps
-        tune = {"batch": args.batch} if args.batch is not None else {}
-
-        job = ExportJob(model=args.model, out=args.out, arch=args.arch, bits=args.bits, target=args.target,
-                        method=args.method, steps=args.steps, resume=args.resume, checkpoint=args.checkpoint,
-                        val=args.val, val_limit=args.val_limit, budget=args.budget,
-                        seed=args.seed, report=args.report,
-                        reduce_range=False if args.full_range_weights else None, residual_bits=args.residual_bits,
-                        bias_correction=not args.no_bias_correction, keep_8bit=_layer_policy(args.keep_8bit),
-                        force=args.force, threads=args.threads,
-                        latency_batches=tuple(args.latency_batches or (1,)), progress=not args.no_progress,
-                        synth_overrides=synth, finetune_overrides=tune)
+        job = job_from_args(args)
         report = run_export(job, log=lambda msg: print(msg, file=sys.stderr))
         for line in report.summary_lines() if report is not None else ():   # None: a torchrun rank other than 0
             print(line)

@@ -10,6 +10,7 @@ from typing import Literal
 from dfq.common.errors import OutputError, UsageError
 from dfq.common.files import remove_orphaned_temporaries
 from dfq.export.targets import engine_target, get_target, target_names
+from dfq.pipeline.quantize import Precision
 from dfq.pipeline.recipes import DEFAULT_METHOD, RECIPES
 
 BUDGETS = ("fast", "default", "long")
@@ -25,7 +26,8 @@ class ExportJob:
     model: str
     out: str
     arch: str | None = None
-    bits: int = 8
+    bits: int = 8                         # weight bits (and activation bits unless act_bits)
+    act_bits: int | None = None           # bits of the activations conv/linear layers read; None: bits
     # None: the engine target (tensorrt) for an engine output (.engine/.plan), else onnxruntime
     target: str | None = None
     method: str = DEFAULT_METHOD
@@ -40,6 +42,10 @@ class ExportJob:
     residual_bits: int | None = None      # None: QuantConfig's default, 8 (see QuantConfig.residual_bits)
     bias_correction: bool = True          # empirical bias correction of the exported model (dfq.pipeline.bias_correction)
     keep_8bit: tuple[str, ...] | None = None   # None: QuantConfig's default layer policy (first conv, last linear)
+    # mixed precision: (average weight bits, average activation bits) to stay within; each layer
+    # runs at 8 bits or at bits/act_bits, chosen from the per-layer sensitivities
+    mixed_budget: tuple[float, float] | None = None
+    sensitivity: bool = False             # measure per-layer sensitivity also at W8A8 (as W4A4)
     report: str | None = None
     force: bool = False
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -52,8 +58,17 @@ class ExportJob:
     finetune_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.bits not in (4, 8):
-            raise UsageError(f"--bits {self.bits} is not supported: use --bits 8 (W8A8) or --bits 4 (W4A4).")
+        if self.act_bits is None:
+            self.act_bits = self.bits
+        try:
+            precision = Precision(self.bits, self.act_bits)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if self.mixed_budget is not None:
+            w, a = self.mixed_budget
+            if not (precision.weights <= w <= 8 and precision.activations <= a <= 8) or precision == Precision(8, 8):
+                raise UsageError(f"--mixed-budget W{w:g}A{a:g} must lie between --bits {precision} and W8A8 (each layer "
+                                 f"runs at {precision} or at 8 bits); give a lower --bits, e.g. --bits 4.")
         if self.target is None:
             self.target = engine_target().name if self.engine_path is not None else DEFAULT_TARGET
         if self.target not in target_names():
@@ -106,8 +121,18 @@ class ExportJob:
         return Path(self.checkpoint) if self.checkpoint else self.onnx_path.with_name(
             self.onnx_path.stem + ".finetune.ckpt")
 
+    @property
+    def sensitivity_path(self) -> Path:
+        return self.onnx_path.with_name(self.onnx_path.stem + ".sensitivity.png")
+
+    @property
+    def measures_sensitivity(self) -> bool:
+        """Per-layer sensitivity is measured below W8A8, for a mixed budget, or when asked for."""
+        return self.sensitivity or self.mixed_budget is not None or min(self.bits, self.act_bits) < 8
+
     def outputs(self) -> list[Path]:
         paths = [self.onnx_path, self.fp_onnx_path, self.report_path, self.markdown_path]
+        paths += [self.sensitivity_path] if self.measures_sensitivity else []
         return paths + ([self.engine_path] if self.engine_path else [])
 
     def check_outputs(self) -> list[Path]:

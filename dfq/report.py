@@ -20,6 +20,17 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
+def _sensitivity_table(section: dict, layer_precision: dict) -> list[str]:
+    """Most sensitive layers first: FP->quantized KL with each layer alone at the low precision."""
+    lines = [f"## Layer sensitivity ({section['precision']}, each layer alone; FP->quantized KL on held-out "
+             "synthetic images)", "", "| layer | params | MACs | weights | activations | both | runs at |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in sorted(section["layers"], key=lambda r: -r["both"]):
+        lines.append(f"| {r['name']} | {r['params']} | {r['macs']} | {r['weights']:.4g} | {r['activations']:.4g} | "
+                     f"{r['both']:.4g} | {layer_precision.get(r['name'], '-')} |")
+    return lines + [""]
+
+
 @dataclass
 class ExportReport:
     command: str
@@ -40,6 +51,7 @@ class ExportReport:
     status: str = "ok"           # ok | rejected | engine not built
     wall_s: float = 0.0
     engine: dict | None = None
+    sensitivity: dict | None = None   # per-layer sensitivity (and the mixed-precision choice)
     kind: str = "dfq-export"
     schema: str = SCHEMA
 
@@ -62,6 +74,8 @@ class ExportReport:
                  + ", ".join(f"{k} {v:.4g}" for k, v in self.calibration["kl_by_method"].items()) + ")",
                  f"- numerics: {q['numerics']}",
                  f"- layers kept at 8 bits: {', '.join(q['layers_at_8bit']) or 'none'}",
+                 f"- average bits: weights {q['avg_weight_bits']:.2f} (parameter-weighted, "
+                 f"{q['weight_bytes'] / 1024:.1f} KiB of weights), activations {q['avg_act_bits']:.2f} (MAC-weighted)",
                  f"- wall time: {self.wall_s:.0f} s", "",
                  "| check | value |", "| --- | --- |",
                  f"| images ({f['data']}) | {f['images']} |",
@@ -80,7 +94,10 @@ class ExportReport:
                          f"median | {lat['fp_ms']:.2f} / {lat['int_ms']:.2f} ms ({lat['speedup']:.2f}x) |")
         if self.engine:
             lines.append(f"| TensorRT engine | {self.engine.get('status')} |")
-        return "\n".join(lines + [""])
+        lines.append("")
+        if self.sensitivity:
+            lines += _sensitivity_table(self.sensitivity, self.quant.get("layer_precision", {}))
+        return "\n".join(lines)
 
     def summary_lines(self) -> list[str]:
         """What the CLI prints at the end of a run."""

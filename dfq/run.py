@@ -25,7 +25,8 @@ def run_export(job: ExportJob, *, log=print) -> ExportReport | None:
 def _run_stages(run: S.Run) -> ExportReport | None:
     inputs = S.load(run)
     data = S.synthesize_stage(run, inputs)
-    quantized = S.quantize_stage(run, inputs, data)
+    sensitivity = S.sensitivity_stage(run, inputs, data)
+    quantized = S.quantize_stage(run, inputs, data, sensitivity)
     finetune_section = S.finetune_stage(run, inputs, data, quantized)
     if not run.info.main:
         return None                   # only rank 0 exports, checks and writes
@@ -34,9 +35,10 @@ def _run_stages(run: S.Run) -> ExportReport | None:
         artifact = S.export_stage(run, quantized, staged)
         fidelity = S.verify_stage(run, inputs, data, quantized, artifact)
         latency = S.measure_stage(run, artifact)
-        report = S.report_stage(run, inputs, data, quantized, finetune_section, bias, artifact, fidelity, latency)
+        report = S.report_stage(run, inputs, data, sensitivity, quantized, finetune_section, bias, artifact,
+                                fidelity, latency)
         failure = S.check_failure(run, report)
-        S.write_stage(run, staged, report, artifact, failure)
+        S.write_stage(run, staged, report, artifact, sensitivity, failure)
     if failure is None and run.job.engine_path is not None:
         failure = S.build_stage(run, inputs, report)
     if failure is not None:

@@ -36,7 +36,9 @@ from dfq.pipeline.calibrate import CalibrationResult, batched_logits, calibrate,
 from dfq.pipeline.data import image_folder, iterate_images
 from dfq.pipeline.finetune import FinetuneConfig, checkpoint_fingerprint, finetune
 from dfq.pipeline.load import LoadedModel, has_batchnorm, load_model
-from dfq.pipeline.quantize import QuantizedModel, quantize, unmatched_patterns
+from dfq.pipeline.mixed_precision import MixedPrecision, average_bits, choose_precision
+from dfq.pipeline.quantize import Precision, QuantConfig, QuantizedModel, quantize, unmatched_patterns
+from dfq.pipeline.sensitivity import LayerSensitivity, layer_costs, layer_sensitivity, sensitivity_png
 from dfq.pipeline.recipes import RECIPES, Recipe
 from dfq.pipeline.synthesize import SynthConfig, synthesize
 from dfq.job import ExportJob
@@ -168,6 +170,46 @@ def synthesize_stage(run: Run, inputs: Inputs) -> SyntheticData:
     return SyntheticData(images, labels, cfg, run.timings["synthesize"])
 
 
+# -- sensitivity and mixed precision ----------------------------------------------------------
+
+@dataclass
+class Sensitivity:
+    precision: Precision                # what each layer was lowered to
+    rows: list[LayerSensitivity]
+    mixed: MixedPrecision | None        # the per-layer choice under --mixed-budget
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"precision": str(self.precision), "seconds": self.seconds, "layers": [r.to_dict() for r in self.rows],
+                "mixed": None if self.mixed is None else self.mixed.to_dict()}
+
+
+def sensitivity_stage(run: Run, inputs: Inputs, data: SyntheticData) -> Sensitivity | None:
+    """Per-layer sensitivity at the job's precision (W4A4 when that is W8A8), and the mixed-precision
+    choice when the job sets a budget."""
+    job = run.job
+    if not job.measures_sensitivity:
+        return None
+    low = Precision(job.bits, job.act_bits)
+    low = Precision(4, 4) if low == Precision(8, 8) else low
+    config = _quant_config(run, bits=low.weights, act_bits=low.activations)
+    run.log(f"[dfq] measuring each layer's sensitivity at {low} on {len(data.holdout)} held-out synthetic images")
+    with run.timed("sensitivity"):
+        rows = layer_sensitivity(inputs.loaded.model, config, data.calib, data.holdout, seed=job.seed)
+    mixed = None
+    if job.mixed_budget is not None:
+        w, a = job.mixed_budget
+        try:
+            mixed = choose_precision(rows, low, avg_weight_bits=w, avg_act_bits=a,
+                                     fixed_8bit={r.name for r in rows if r.kept_8bit})
+        except ValueError as exc:
+            raise UsageError(f"--mixed-budget: {exc}.") from exc
+        run.log(f"[dfq] mixed precision within W{w:g}A{a:g}: average weight bits {mixed.avg_weight_bits:.2f}, "
+                f"average activation bits {mixed.avg_act_bits:.2f} (MAC-weighted), "
+                f"{sum(p != low for p in mixed.layers.values())} of {len(rows)} layers above {low}")
+    return Sensitivity(low, rows, mixed, run.timings["sensitivity"])
+
+
 # -- quantize + calibrate ---------------------------------------------------------------------
 
 @dataclass
@@ -178,11 +220,18 @@ class Quantized:
     fp_holdout: torch.Tensor | None   # the FP model's logits on the held-out images
 
 
-def quantize_stage(run: Run, inputs: Inputs, data: SyntheticData) -> Quantized:
+def _quant_config(run: Run, **fields) -> QuantConfig:
     job = run.job
     policy = {} if job.keep_8bit is None else {"keep_8bit": tuple(job.keep_8bit)}
-    config = run.target.quant_config(bits=job.bits, reduce_range=job.reduce_range, residual_bits=job.residual_bits,
-                                     **policy)
+    settings = {"bits": job.bits, "act_bits": job.act_bits, "reduce_range": job.reduce_range,
+                "residual_bits": job.residual_bits, **policy, **fields}
+    return run.target.quant_config(**settings)
+
+
+def quantize_stage(run: Run, inputs: Inputs, data: SyntheticData, sensitivity: Sensitivity | None = None) -> Quantized:
+    job = run.job
+    mixed = sensitivity.mixed if sensitivity is not None else None
+    config = _quant_config(run, **({"layer_precision": mixed.layers} if mixed is not None else {}))
     with run.timed("quantize"):
         qmodel = quantize(inputs.loaded.model, config, data.calib[:2])
         result = calibrate(qmodel, data.calib, holdout=data.holdout, seed=job.seed)
@@ -212,7 +261,9 @@ def finetune_stage(run: Run, inputs: Inputs, data: SyntheticData, q: Quantized) 
     fingerprint = checkpoint_fingerprint(
         model_sha256=inputs.loaded.source["sha256"], arch=spec.name, bits=job.bits, target=job.target,
         method=job.method, seed=job.seed, reduce_range=qc.reduce_range, residual_bits=qc.residual_bits,
-        keep_8bit=list(qc.keep_8bit), synth=data.config.to_dict(), finetune=cfg.to_dict(), processes=run.info.world)
+        keep_8bit=list(qc.keep_8bit), synth=data.config.to_dict(), finetune=cfg.to_dict(), processes=run.info.world,
+        **({} if qc.precision == Precision(job.bits, job.bits) and not qc.layer_precision
+           else {"precision": qc.name, "layer_precision": {k: str(v) for k, v in qc.layer_precision.items()}}))
     kd_before = heldout_kd(q.qmodel, data.holdout, q.fp_holdout)
     calibrated = {k: v.detach().clone() for k, v in q.qmodel.module.state_dict().items()}
     run.log(f"[dfq] fine-tuning ({recipe.name}: {recipe.summary}) for {cfg.steps} steps of batch {cfg.batch}; "
@@ -301,26 +352,36 @@ def measure_stage(run: Run, artifact: Artifact) -> list[dict]:
 
 # -- report, write, build ---------------------------------------------------------------------
 
-def report_stage(run: Run, inputs: Inputs, data: SyntheticData, q: Quantized, finetune_section: dict,
-                 bias: BiasCorrectionResult | None, artifact: Artifact, fidelity: dict,
+def _quant_section(run: Run, qm: QuantizedModel) -> dict:
+    """What the report says about the quantized model: configs, numerics, what every layer runs at."""
+    avg_w, avg_a, weight_bytes = average_bits(qm.layer_precision, layer_costs(qm))
+    return {"name": qm.config.name, "target": run.target.name, "config": qm.config.to_dict(),
+            "numerics": run.target.numerics(qm.config), "layer_bits": qm.layer_bits,
+            "layer_precision": {n: str(p) for n, p in qm.layer_precision.items()},
+            "layers_at_8bit": [n for n, p in qm.layer_precision.items()
+                               if p == Precision(8, 8) and qm.config.precision != Precision(8, 8)],
+            "avg_weight_bits": avg_w, "avg_act_bits": avg_a, "weight_bytes": weight_bytes,
+            "activation_quantizers": {n: {"bits": a.bits, "signed": a.signed, "scale": float(a.scale.detach()),
+                                          "grid": [a.grid.qmin, a.grid.qmax]}
+                                      for n, a in sorted(qm.act_quantizers().items())}}
+
+
+def report_stage(run: Run, inputs: Inputs, data: SyntheticData, sensitivity: Sensitivity | None, q: Quantized,
+                 finetune_section: dict, bias: BiasCorrectionResult | None, artifact: Artifact, fidelity: dict,
                  latency: list[dict]) -> ExportReport:
-    job, qm, loaded = run.job, q.qmodel, inputs.loaded
-    quant = {"name": qm.config.name, "target": run.target.name, "config": qm.config.to_dict(),
-             "numerics": run.target.numerics(qm.config), "layer_bits": qm.layer_bits,
-             "layers_at_8bit": [n for n, b in qm.layer_bits.items() if b == 8 and job.bits != 8],
-             "activation_quantizers": {n: {"bits": a.bits, "signed": a.signed, "scale": float(a.scale.detach()),
-                                           "grid": [a.grid.qmin, a.grid.qmax]}
-                                       for n, a in sorted(qm.act_quantizers().items())}}
+    job, loaded = run.job, inputs.loaded
+    outputs = {"onnx": str(job.onnx_path), "fp_onnx": str(job.fp_onnx_path), "report": str(job.report_path),
+               "markdown": str(job.markdown_path)}
+    if sensitivity is not None:
+        outputs["sensitivity_png"] = str(job.sensitivity_path)
     return ExportReport(
         command=command_line(), commit=run.commit, machine=machine_info(), job=job.to_dict(),
         model={"arch": loaded.spec.name, "spec": loaded.spec.to_dict(), "source": loaded.source},
-        synthesis=data.to_dict(job.method), quant=quant,
+        synthesis=data.to_dict(job.method), quant=_quant_section(run, q.qmodel),
         calibration={**q.calibration.to_dict(), "bias_correction": None if bias is None else bias.to_dict()},
         finetune=finetune_section, graph_rewrites=artifact.exported.rewrites, rule_violations=artifact.violations,
-        fidelity=fidelity, latency=latency,
-        outputs={"onnx": str(job.onnx_path), "fp_onnx": str(job.fp_onnx_path), "report": str(job.report_path),
-                 "markdown": str(job.markdown_path)},
-        timings_s=run.timings)
+        fidelity=fidelity, latency=latency, outputs=outputs, timings_s=run.timings,
+        sensitivity=None if sensitivity is None else sensitivity.to_dict())
 
 
 def check_failure(run: Run, report: ExportReport) -> VerificationError | None:
@@ -339,7 +400,7 @@ def check_failure(run: Run, report: ExportReport) -> VerificationError | None:
 
 
 def write_stage(run: Run, staged: StagedOutputs, report: ExportReport, artifact: Artifact,
-                failure: VerificationError | None) -> None:
+                sensitivity: Sensitivity | None, failure: VerificationError | None) -> None:
     """Rename the verified outputs into place; a rejected artifact goes to ``x.rejected.onnx`` and
     an earlier run's ``x.onnx`` / FP twin (``--force``) are removed, so nothing contradicts the
     report. Once the ONNX is verified the fine-tuning checkpoint is removed."""
@@ -354,6 +415,9 @@ def write_stage(run: Run, staged: StagedOutputs, report: ExportReport, artifact:
     report.wall_s = time.perf_counter() - run.t_start
     staged.stage(job.report_path, report.to_json())
     staged.stage(job.markdown_path, report.to_markdown().encode())
+    if sensitivity is not None:
+        staged.stage(job.sensitivity_path, sensitivity_png(sensitivity.rows, str(sensitivity.precision),
+                                                           f"{report.model['arch']} ({run.target.name})"))
     if failure is not None:
         for stale in (job.onnx_path, job.fp_onnx_path):
             stale.unlink(missing_ok=True)

@@ -1,6 +1,7 @@
 """``export_onnx``: write the QDQ ONNX artifact (and its FP twin for comparisons) atomically."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,8 @@ def build_onnx(qmodel: QuantizedModel, *, run_simplifier: bool = True) -> Export
     if run_simplifier:
         fp, qdq = simplify(fp), simplify(qdq)
     qdq, rewrites = target.rewrite(qdq)   # on the simplified graph, as the last change
+    onnx.helper.set_model_props(qdq, {"dfq.target": target.name,
+                                      "dfq.precision": json.dumps({n: str(p) for n, p in qmodel.layer_precision.items()})})
     onnx.checker.check_model(fp, full_check=True)
     onnx.checker.check_model(qdq, full_check=True)
     return ExportedOnnx(qdq, fp, emitted, rewrites)

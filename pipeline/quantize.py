@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import operator
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -35,18 +36,50 @@ from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear
 SUPPORTED_BITS = (4, 8)
 
 
+@dataclass(frozen=True, order=True)
+class Precision:
+    """Bits of a layer's weights and of the activations it reads."""
+
+    weights: int
+    activations: int
+
+    def __post_init__(self) -> None:
+        if self.weights not in SUPPORTED_BITS or self.activations not in SUPPORTED_BITS:
+            raise ValueError(f"unsupported precision W{self.weights}A{self.activations}: weights and activations "
+                             f"take {' or '.join(map(str, SUPPORTED_BITS))} bits")
+
+    def __str__(self) -> str:
+        return f"W{self.weights}A{self.activations}"
+
+    @classmethod
+    def parse(cls, text: str | int) -> "Precision":
+        """``8`` / ``4`` (the same for weights and activations) or ``W4A8`` (any case)."""
+        t = str(text).strip().upper()
+        m = re.fullmatch(r"W(\d+)A(\d+)", t)
+        try:
+            w, a = (int(m.group(1)), int(m.group(2))) if m else (int(t), int(t))
+            return cls(w, a)
+        except ValueError:
+            raise ValueError(f"--bits {text} is not supported: use 8 (W8A8), 4 (W4A4), or weight and activation "
+                             "bits such as W4A8") from None
+
+
 @dataclass
 class QuantConfig:
     """How to quantize, for the integer arithmetic of one export target (``scheme``: its
     :class:`~dfq.kernels.fake_quant.QuantScheme`; ``dfq.get_target(name).quant_config(...)`` fills
-    it in). ``bits`` is WnAn (weights and activations); ``keep_8bit`` lists layers kept at 8 bits:
-    module-name glob patterns or ``@first`` (first conv) / ``@last`` (last linear).
+    it in). ``bits`` is the weight bits and ``act_bits`` the bits of the activations that
+    conv/linear layers read (None: ``bits``); ``keep_8bit`` lists layers kept at W8A8: module-name
+    glob patterns or ``@first`` (first conv) / ``@last`` (last linear); ``layer_precision`` sets
+    single layers' precision after that (mixed precision, :mod:`dfq.pipeline.mixed_precision`).
     ``calibration`` picks the activation-range method (``auto`` measures min/max, percentile and
     MSE on held-out synthetic images and keeps the best)."""
 
     scheme: QuantScheme
     bits: int = 8
+    act_bits: int | None = None
     keep_8bit: tuple[str, ...] = ("@first", "@last")
+    layer_precision: dict[str, Precision] = field(default_factory=dict)
     weight_clip_search: bool = True
     calibration: Literal["auto", "minmax", "percentile", "mse"] = "auto"
     percentile: float = 99.99
@@ -64,6 +97,11 @@ class QuantConfig:
             raise TypeError("QuantConfig.scheme must be a QuantScheme: use dfq.get_target(name).quant_config(...)")
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"--bits {self.bits} is not supported; use 8 (W8A8) or 4 (W4A4)")
+        if self.act_bits is None:
+            self.act_bits = self.bits
+        Precision(self.bits, self.act_bits)   # validates
+        self.layer_precision = {k: v if isinstance(v, Precision) else Precision.parse(v)
+                                for k, v in self.layer_precision.items()}
         if self.residual_bits is None:
             self.residual_bits = 8
         if self.residual_bits not in SUPPORTED_BITS:
@@ -77,13 +115,18 @@ class QuantConfig:
             self.reduce_range = self.scheme.reduce_range
 
     @property
+    def precision(self) -> Precision:
+        return Precision(self.bits, self.act_bits)
+
+    @property
     def name(self) -> str:
-        return f"W{self.bits}A{self.bits}"
+        return str(self.precision) + ("-mixed" if self.layer_precision else "")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["target"] = self.scheme.name
         d["keep_8bit"] = list(self.keep_8bit)
+        d["layer_precision"] = {k: str(v) for k, v in self.layer_precision.items()}
         return d
 
 
@@ -292,30 +335,45 @@ def unmatched_patterns(patterns, names) -> list[str]:
     return [p for p in patterns if p not in LAYER_ALIASES and not any(layer_matches(n, p, {}) for n in names)]
 
 
-def _policy_bits(gm: fx.GraphModule, config: QuantConfig) -> dict[str, int]:
-    """Bits per layer (module name): ``config.bits`` unless a ``keep_8bit`` entry matches."""
+def first_and_last(gm: fx.GraphModule) -> dict[str, str | None]:
+    """``@first`` (the first conv) and ``@last`` (the last linear, else the last layer) by module name."""
     layers = layer_nodes(gm)
     convs = [n for n in layers if isinstance(_module(gm, n), QuantConv2d)]
     linears = [n for n in layers if isinstance(_module(gm, n), QuantLinear)]
-    aliases = {"@first": str(convs[0].target) if convs else None,
-               "@last": str(linears[-1].target) if linears else (str(layers[-1].target) if layers else None)}
-    bits = {}
-    for n in layers:
+    return {"@first": str(convs[0].target) if convs else None,
+            "@last": str(linears[-1].target) if linears else (str(layers[-1].target) if layers else None)}
+
+
+def kept_8bit(gm: fx.GraphModule, config: QuantConfig) -> set[str]:
+    """The layers (module names) a ``keep_8bit`` entry of ``config`` matches."""
+    aliases = first_and_last(gm)
+    return {str(n.target) for n in layer_nodes(gm)
+            if any(layer_matches(str(n.target), p, aliases) for p in config.keep_8bit)}
+
+
+def policy_precision(gm: fx.GraphModule, config: QuantConfig) -> dict[str, Precision]:
+    """Precision per layer (module name): W8A8 where a ``keep_8bit`` entry matches, else the config's;
+    then ``layer_precision`` for the layers it names."""
+    kept = kept_8bit(gm, config)
+    out = {}
+    for n in layer_nodes(gm):
         name = str(n.target)
-        keep = any(layer_matches(name, p, aliases) for p in config.keep_8bit)
-        bits[name] = 8 if keep else config.bits
-    return bits
+        out[name] = Precision(8, 8) if name in kept else config.precision
+    unknown = set(config.layer_precision) - set(out)
+    if unknown:
+        raise ValueError(f"layer_precision names layers the model does not have: {sorted(unknown)}")
+    return {**out, **{k: v for k, v in config.layer_precision.items()}}
 
 
-def quant_requirements(gm: fx.GraphModule, layer_bits: dict[str, int], config: QuantConfig) -> dict[fx.Node, int]:
+def quant_requirements(gm: fx.GraphModule, layers: dict[str, Precision], config: QuantConfig) -> dict[fx.Node, int]:
     """Source tensors that need an activation quantizer, with their bits.
 
     Both targets: the activation input of every conv/linear and both inputs of every residual
     Add (so TensorRT fuses it and ONNX Runtime runs QLinearAdd). ONNX Runtime additionally needs
     a Q on every conv and Add output (after a following ReLU/ReLU6, which the Q then makes
     redundant) so DQ-Conv-Q fuses into QLinearConv. Bits: a tensor a conv/linear reads gets the
-    largest bits its reading layers ask for; any other quantized tensor gets ``residual_bits``
-    (default 8).
+    largest activation bits its reading layers ask for; any other quantized tensor gets
+    ``residual_bits`` (default 8).
     """
     layer_need: dict[fx.Node, int] = {}   # tensors a conv/linear reads: that layer's bits
     other_need: dict[fx.Node, int] = {}   # tensors only Adds read (or ORT's output Qs)
@@ -333,7 +391,7 @@ def quant_requirements(gm: fx.GraphModule, layer_bits: dict[str, int], config: Q
     for node in gm.graph.nodes:
         m = _module(gm, node)
         if isinstance(m, (QuantConv2d, QuantLinear)):
-            require(layer_need, node.args[0], layer_bits[str(node.target)])
+            require(layer_need, node.args[0], layers[str(node.target)].activations)
         if is_add(node):
             for a in node.args[:2]:
                 require(other_need, a, residual)
@@ -392,7 +450,12 @@ class QuantizedModel:
 
     module: fx.GraphModule
     config: QuantConfig
-    layer_bits: dict[str, int] = field(default_factory=dict)
+    layer_precision: dict[str, Precision] = field(default_factory=dict)   # what every layer runs at
+
+    @property
+    def layer_bits(self) -> dict[str, int]:
+        """Weight bits per layer."""
+        return {n: p.weights for n, p in self.layer_precision.items()}
 
     def act_quantizers(self) -> dict[str, ActQuantizer]:
         return {n: m for n, m in self.module.named_modules() if isinstance(m, ActQuantizer)}
@@ -431,12 +494,12 @@ def quantize(model: nn.Module, config: QuantConfig, example_input: torch.Tensor)
     _fold_batchnorms(gm)
     _replace_layers(gm)
     _merge_pads(gm)
-    bits = _policy_bits(gm, config)
-    for name, b in bits.items():
+    wanted = policy_precision(gm, config)
+    for name, p in wanted.items():
         layer = gm.get_submodule(name)
-        layer.weight_quantizer = type(layer.weight_quantizer)(layer.weight_quantizer.scale.numel(), b,
+        layer.weight_quantizer = type(layer.weight_quantizer)(layer.weight_quantizer.scale.numel(), p.weights,
                                                               config.reduce_range)
-    need = quant_requirements(gm, bits, config)
+    need = quant_requirements(gm, wanted, config)
     _insert_act_quantizers(gm, need, config)
     _link_bias_scales(gm, config)
     gm.graph.lint()
@@ -447,4 +510,15 @@ def quantize(model: nn.Module, config: QuantConfig, example_input: torch.Tensor)
             if isinstance(m, (QuantConv2d, QuantLinear)):
                 m.weight_quantizer.calibrate(m.folded()[0], search=config.weight_clip_search)
     gm.eval()
-    return QuantizedModel(gm, config, bits)
+    return QuantizedModel(gm, config, _actual_precision(gm))
+
+
+def _actual_precision(gm: fx.GraphModule) -> dict[str, Precision]:
+    """Each layer's weight bits and the bits of the quantizer its input passes (a tensor several
+    layers read is quantized at the largest bits they ask for)."""
+    out = {}
+    for node in layer_nodes(gm):
+        aq = input_quantizer_of(gm, node)
+        w = _module(gm, node).weight_quantizer.bits
+        out[str(node.target)] = Precision(w, _module(gm, aq).bits if aq is not None else 8)
+    return out

@@ -120,7 +120,7 @@ def test_torchrun_cli_run_only_rank0_writes(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["m.fp32.onnx", "m.onnx", "m.report.json", "m.report.md"]
+    assert names == ["m.fp32.onnx", "m.onnx", "m.report.json", "m.report.md", "m.sensitivity.png"]
     rep = json.loads((out / "m.report.json").read_text())
     assert rep["finetune"]["processes"] == 2 and rep["finetune"]["global_batch"] == 8
     assert proc.stdout.count("[dfq] wrote") == 1      # one summary: rank 0's

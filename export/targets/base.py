@@ -73,12 +73,14 @@ class Target:
     def numerics(self, config: QuantConfig) -> str:
         """One sentence for the report: grids and containers of ``config`` on this target."""
         w = weight_grid(config.bits, config.reduce_range)
-        a_u = self.scheme.activation_grid(config.bits, False)
-        a_s = self.scheme.activation_grid(config.bits, True)
+        a_u = self.scheme.activation_grid(config.act_bits, False)
+        a_s = self.scheme.activation_grid(config.act_bits, True)
         text = (f"weights per-channel symmetric on [{w.qmin}, {w.qmax}]; activations per-tensor on "
                 f"[{a_u.qmin}, {a_u.qmax}] after ReLU/ReLU6, [{a_s.qmin}, {a_s.qmax}] otherwise; stored as "
                 f"{self.qdq.describe()}")
-        if config.bits == 4:
+        if min(config.bits, config.act_bits) == 4 or config.layer_precision:
             text += ("; 4-bit numerics run on INT8 kernels (4-bit grids in INT8 containers, activations clipped "
                      "to the 4-bit range): this is not an INT4 engine")
+        if config.layer_precision:
+            text += "; per-layer precision as in layer_precision (mixed)"
         return text
