@@ -40,7 +40,7 @@ def plot(records: list[dict], png: Path, md: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib not installed (pip install -e '.[bench]'): no plot", file=sys.stderr)
+        print("matplotlib not installed: no plot", file=sys.stderr)
         return
     panels = sorted({(r["model"], r.get("budget")) for r in rows})
     if not panels:

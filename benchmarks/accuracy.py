@@ -32,7 +32,7 @@ MODELS = {
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, choices=sorted(MODELS))
-    ap.add_argument("--bits", type=int, default=8)
+    ap.add_argument("--bits", default="8", help="8, 4, or weights/activations such as W4A8")
     ap.add_argument("--target", default="onnxruntime")
     ap.add_argument("--method", default="acq")
     ap.add_argument("--budget", default="default")
@@ -61,7 +61,8 @@ def main(argv=None) -> int:
     f = rep["fidelity"]
     rec = {
         "kind": "accuracy", "model": args.model, "dataset": Path(data).name, "method": args.method,
-        "bits": rep["quant"]["name"], "target": args.target, "budget": args.budget, "seed": args.seed,
+        "bits": rep["quant"]["name"], "avg_weight_bits": rep["quant"].get("avg_weight_bits"),
+        "avg_act_bits": rep["quant"].get("avg_act_bits"), "target": args.target, "budget": args.budget, "seed": args.seed,
         "top1_fp": f["top1_fp"], "top1_int": f["top1_int"], "top1_fakequant": f["top1_fakequant"],
         "drop_points": f["top1_drop_points"], "agreement": f["agreement"],
         "agreement_with_fp": f["agreement_with_fp"], "agreement_exact": f.get("agreement_exact"),
@@ -81,10 +82,11 @@ def main(argv=None) -> int:
     }
     print(json.dumps({k: rec[k] for k in ("model", "bits", "target", "top1_fp", "top1_int", "drop_points",
                                           "agreement", "wall_s")}))
-    records = merge_records(Path(args.out), [rec], key=("model", "dataset", "method", "bits", "target", "budget", "steps", "options"))
+    records = merge_records(Path(args.out), [rec], key=("model", "dataset", "method", "bits", "target", "budget", "steps", "options", "seed"))
     write_markdown(Path(args.out).with_suffix(".md"), records,
-                   ["model", "dataset", "method", "bits", "target", "budget", "steps", "options", "top1_fp", "top1_int",
-                    "drop_points", "agreement", "agreement_float_fakequant", "wall_s", "commit"],
+                   ["model", "dataset", "method", "bits", "avg_weight_bits", "avg_act_bits", "target", "budget", "seed",
+                    "steps", "options", "top1_fp", "top1_int", "drop_points", "agreement", "agreement_float_fakequant",
+                    "wall_s", "commit"],
                    "Accuracy of exported artifacts (ONNX Runtime, CPU) vs FP32 on the same images")
     return proc.returncode
 

@@ -56,6 +56,8 @@ class ExportJob:
     synth_overrides: dict = field(default_factory=dict)
     # API-level overrides of the budget's FinetuneConfig fields (e.g. {"batch": 8})
     finetune_overrides: dict = field(default_factory=dict)
+    # API-level overrides of the budget's ReconstructConfig fields (e.g. {"iterations": 50})
+    reconstruct_overrides: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.act_bits is None:

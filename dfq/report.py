@@ -52,6 +52,7 @@ class ExportReport:
     wall_s: float = 0.0
     engine: dict | None = None
     sensitivity: dict | None = None   # per-layer sensitivity (and the mixed-precision choice)
+    reconstruction: dict | None = None   # learned rounding (recipes that reconstruct)
     kind: str = "dfq-export"
     schema: str = SCHEMA
 

@@ -27,6 +27,7 @@ def _run_stages(run: S.Run) -> ExportReport | None:
     data = S.synthesize_stage(run, inputs)
     sensitivity = S.sensitivity_stage(run, inputs, data)
     quantized = S.quantize_stage(run, inputs, data, sensitivity)
+    reconstruction = S.reconstruct_stage(run, data, quantized)
     finetune_section = S.finetune_stage(run, inputs, data, quantized)
     if not run.info.main:
         return None                   # only rank 0 exports, checks and writes
@@ -34,9 +35,9 @@ def _run_stages(run: S.Run) -> ExportReport | None:
     with StagedOutputs() as staged:   # nothing reaches an output path before it is verified
         artifact = S.export_stage(run, quantized, staged)
         fidelity = S.verify_stage(run, inputs, data, quantized, artifact)
-        latency = S.measure_stage(run, artifact)
+        latency = S.measure_stage(run, inputs, artifact)
         report = S.report_stage(run, inputs, data, sensitivity, quantized, finetune_section, bias, artifact,
-                                fidelity, latency)
+                                fidelity, latency, reconstruction)
         failure = S.check_failure(run, report)
         S.write_stage(run, staged, report, artifact, sensitivity, failure)
     if failure is None and run.job.engine_path is not None:

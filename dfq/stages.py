@@ -40,6 +40,7 @@ from dfq.pipeline.mixed_precision import MixedPrecision, average_bits, choose_pr
 from dfq.pipeline.quantize import Precision, QuantConfig, QuantizedModel, quantize, unmatched_patterns
 from dfq.pipeline.sensitivity import LayerSensitivity, layer_costs, layer_sensitivity, sensitivity_png
 from dfq.pipeline.recipes import RECIPES, Recipe
+from dfq.pipeline.reconstruct import ReconstructConfig, reconstruct
 from dfq.pipeline.synthesize import SynthConfig, synthesize
 from dfq.job import ExportJob
 from dfq.report import ExportReport
@@ -239,10 +240,37 @@ def quantize_stage(run: Run, inputs: Inputs, data: SyntheticData, sensitivity: S
     run.log(f"[dfq] {config.name} for {run.target.name}: {len(qmodel.layer_bits)} layers, "
             f"{result.num_quantizers} activation quantizers, calibration '{result.method}'")
     fp_holdout = None
-    if run.recipe.trains or job.bias_correction:
+    if run.recipe.trains or run.recipe.reconstruct or job.bias_correction:
         # what the data-free choices after fine-tuning and after bias correction compare with
         fp_holdout = batched_logits(inputs.loaded.model.eval(), data.holdout, 64)
     return Quantized(qmodel, result, fp_twin, fp_holdout)
+
+
+# -- reconstruct ------------------------------------------------------------------------------
+
+def reconstruct_stage(run: Run, data: SyntheticData, q: Quantized) -> dict | None:
+    """Learned rounding (recipes with ``reconstruct``), kept only if the FP->quantized KL on the
+    held-out images fell. Returns the report section."""
+    if not run.recipe.reconstruct:
+        return None
+    cfg = ReconstructConfig.for_budget(run.job.budget, data.images.shape[1:], seed=run.job.seed)
+    if run.job.reconstruct_overrides:
+        cfg = dataclasses.replace(cfg, **run.job.reconstruct_overrides)
+    kl_before = heldout_kd(q.qmodel, data.holdout, q.fp_holdout)
+    saved = {k: v.detach().clone() for k, v in q.qmodel.module.state_dict().items()}
+    run.log(f"[dfq] reconstructing the rounding of every layer below 8 bits: {cfg.iterations} iterations of "
+            f"batch {cfg.batch} each, on {len(data.calib)} synthetic images")
+    with run.timed("reconstruct"):
+        result = reconstruct(q.qmodel, data.calib, cfg, progress=run.job.progress)
+    kl_after = heldout_kd(q.qmodel, data.holdout, q.fp_holdout)
+    kept = kl_after < kl_before
+    if not kept:
+        q.qmodel.module.load_state_dict(saved)
+    run.log(f"[dfq] reconstruction {'kept' if kept else 'undone (it did not lower the held-out KL)'}: "
+            f"FP->quantized KL {kl_before:.4f} -> {kl_after:.4f}, {100 * result.flipped:.1f}% of the weights "
+            "rounded away from the nearest code")
+    return {"config": cfg.to_dict(), "result": result.to_dict(), "kept": kept,
+            "heldout_kd": {"before": kl_before, "after": kl_after, "images": len(data.holdout)}}
 
 
 # -- finetune ---------------------------------------------------------------------------------
@@ -333,21 +361,25 @@ def verify_stage(run: Run, inputs: Inputs, data: SyntheticData, q: Quantized, ar
         batches, data_name = iterate_images(inputs.val_set, 100, limit=job.val_limit), str(job.val)
     else:
         batches, data_name = tensor_batches(data.holdout, 32), "held-out synthetic images"
+    also_on = {name.replace("-", "_"): get_runtime(name).session(artifact.onnx_tmp, job.threads)
+               for name in run.target.cross_check_runtimes if get_runtime(name).status()[0]}
     with run.timed("check"):
         fidelity = verify_artifact(inputs.loaded.model, q.qmodel, artifact.onnx_tmp, run.target, batches,
-                                   threads=job.threads)
+                                   threads=job.threads, also_on=also_on)
     fidelity["data"] = data_name
     return fidelity
 
 
-def measure_stage(run: Run, artifact: Artifact) -> list[dict]:
-    """Speedup of the artifact over the FP32 twin, timed interleaved in one process."""
+def measure_stage(run: Run, inputs: Inputs, artifact: Artifact) -> list[dict]:
+    """Speedup of the artifact over the FP32 twin on each of the target's latency runtimes available
+    here, timed interleaved in one process."""
     job = run.job
-    runtime = get_runtime(run.target.latency_backend)
+    runtimes = [get_runtime(n) for n in run.target.latency_backends if get_runtime(n).status()[0]]
     budget = Budget(warmup=3, seconds=job.latency_seconds, max_iterations=1000)
+    shape = tuple(inputs.loaded.spec.input_size)
     with run.timed("latency"):
-        return [runtime.measure(artifact.fp_tmp, artifact.onnx_tmp, batch=b, threads=job.threads, budget=budget)
-                for b in job.latency_batches]
+        return [r.measure(artifact.fp_tmp, artifact.onnx_tmp, batch=b, threads=job.threads, budget=budget,
+                          input_shape=shape) for r in runtimes for b in job.latency_batches]
 
 
 # -- report, write, build ---------------------------------------------------------------------
@@ -368,7 +400,7 @@ def _quant_section(run: Run, qm: QuantizedModel) -> dict:
 
 def report_stage(run: Run, inputs: Inputs, data: SyntheticData, sensitivity: Sensitivity | None, q: Quantized,
                  finetune_section: dict, bias: BiasCorrectionResult | None, artifact: Artifact, fidelity: dict,
-                 latency: list[dict]) -> ExportReport:
+                 latency: list[dict], reconstruction: dict | None = None) -> ExportReport:
     job, loaded = run.job, inputs.loaded
     outputs = {"onnx": str(job.onnx_path), "fp_onnx": str(job.fp_onnx_path), "report": str(job.report_path),
                "markdown": str(job.markdown_path)}
@@ -381,7 +413,7 @@ def report_stage(run: Run, inputs: Inputs, data: SyntheticData, sensitivity: Sen
         calibration={**q.calibration.to_dict(), "bias_correction": None if bias is None else bias.to_dict()},
         finetune=finetune_section, graph_rewrites=artifact.exported.rewrites, rule_violations=artifact.violations,
         fidelity=fidelity, latency=latency, outputs=outputs, timings_s=run.timings,
-        sensitivity=None if sensitivity is None else sensitivity.to_dict())
+        sensitivity=None if sensitivity is None else sensitivity.to_dict(), reconstruction=reconstruction)
 
 
 def check_failure(run: Run, report: ExportReport) -> VerificationError | None:

@@ -79,7 +79,7 @@ def compare_on_batches(fp_model: torch.nn.Module, fq_model: torch.nn.Module, ses
     fake-quant model is then still run: ``agreement_float_fakequant`` and ``top1_fakequant``.
 
     ``extra_sessions`` (name -> session) run the same images; their top-1 agreement with the
-    float fake-quant model is reported as ``agreement_<name>``."""
+    float fake-quant model is reported as ``agreement_<name>`` (and their top-1 as ``top1_<name>``)."""
     fq64 = copy.deepcopy(fq_model).double()
     fp_model.to(memory_format=torch.channels_last)
     fq_model.to(memory_format=torch.channels_last)
@@ -87,6 +87,7 @@ def compare_on_batches(fp_model: torch.nn.Module, fq_model: torch.nn.Module, ses
     rechecked = 0
     extra_sessions = extra_sessions or {}
     extra_agree = {k: 0 for k in extra_sessions}
+    extra_correct = {k: 0 for k in extra_sessions}
     with_labels = False
     float_agree = float_correct = 0
     input_name = session.get_inputs()[0].name
@@ -106,9 +107,10 @@ def compare_on_batches(fp_model: torch.nn.Module, fq_model: torch.nn.Module, ses
             idx = torch.from_numpy(np.nonzero(recheck)[0])
             fq[recheck] = fq64(images[idx].double()).float().numpy()
             rechecked += int(recheck.sum())
+        lab = None if labels is None else labels.numpy()
         for k, e in extra.items():
             extra_agree[k] += int((e.argmax(1) == fq.argmax(1)).sum())
-        lab = None if labels is None else labels.numpy()
+            extra_correct[k] += 0 if lab is None else int((e.argmax(1) == lab).sum())
         with_labels = with_labels or lab is not None
         if reference is not None:
             float_agree += int((q.argmax(1) == fq.argmax(1)).sum())
@@ -130,14 +132,19 @@ def compare_on_batches(fp_model: torch.nn.Module, fq_model: torch.nn.Module, ses
     out["reference_rechecked_float64"] = rechecked
     for k, v in extra_agree.items():
         out[f"agreement_{k}"] = v / max(1, tally.n)
+        if with_labels:
+            out[f"top1_{k}"] = extra_correct[k] / max(1, tally.n)
     return out
 
 
-def verify_artifact(fp_model: torch.nn.Module, qmodel, onnx_path, target, batches, *, threads: int) -> dict:
+def verify_artifact(fp_model: torch.nn.Module, qmodel, onnx_path, target, batches, *, threads: int,
+                    also_on: dict | None = None) -> dict:
     """Fidelity of the artifact at ``onnx_path`` to ``qmodel`` (and top-1 of it, the fake-quant model
     and ``fp_model`` where ``batches`` carry labels), run and referenced as ``target`` says
-    (:meth:`dfq.export.targets.Target.verification`)."""
+    (:meth:`dfq.export.targets.Target.verification`). ``also_on`` (name -> session of the same
+    artifact on another runtime) are reported as ``agreement_<name>`` / ``top1_<name>``."""
     check = target.verification(qmodel, onnx_path, threads)
+    check.extra_sessions.update(also_on or {})
     fidelity = compare_on_batches(fp_model.eval(), qmodel.module.eval(), check.session, batches,
                                   extra_sessions=check.extra_sessions, reference=check.reference)
     if check.reference_float_nodes is not None:

@@ -26,6 +26,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -474,13 +475,34 @@ class QuantizedModel:
         return self.module(x)
 
 
+# Functions that are the identity on an eval-mode model (their ``training`` argument was False
+# when the graph was traced): regularisers of training such as dropout and stochastic depth.
+EVAL_IDENTITIES = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torchvision.ops.stochastic_depth)
+
+
+def _remove_eval_identities(gm: fx.GraphModule) -> None:
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in EVAL_IDENTITIES:
+            training = node.kwargs.get("training", node.args[3] if len(node.args) > 3 else None)
+            if node.target is not torchvision.ops.stochastic_depth:
+                training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+            if training is False:
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
+    """The FX graph of an eval-mode model, without the ops that are the identity in eval mode."""
     try:
-        return fx.symbolic_trace(model)
+        gm = fx.symbolic_trace(model)
     except Exception as exc:  # noqa: BLE001 - FX raises many kinds
         raise UnsupportedModelError(
             f"the model cannot be traced with torch.fx ({type(exc).__name__}: {exc}). dfq needs a "
             "static graph without data-dependent Python control flow.") from exc
+    _remove_eval_identities(gm)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
 
 
 def quantize(model: nn.Module, config: QuantConfig, example_input: torch.Tensor) -> QuantizedModel:

@@ -31,6 +31,7 @@ class Recipe:
     summary: str
     generator: str                      # none | fixed | conditional | acq
     terms: dict[str, float] = field(default_factory=dict)
+    reconstruct: bool = False           # learned rounding layer by layer before any fine-tuning (pipeline.reconstruct)
     temperature: float = 1.0            # distillation temperature
     student_ce: float = 0.0
     student_discrepancy: float = 0.0    # DDAQ: fool the discrepancy discriminator
@@ -88,6 +89,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("acq", "ACQ: generator conditioned on (label, attention centre); centre matching, "
            "same-condition pair term, train/eval attention consistency, with CE + BNS", "acq",
            {"ce": 1.0, "bns": 0.1, "centre": 1.0, "pair": 0.1, "consistency": 10.0}),
+    Recipe("recon", "BN inversion, then layer-wise reconstruction with learned rounding (AdaRound + QDrop, "
+           "data-free as Genie-M); no fine-tuning", "none", reconstruct=True),
+    Recipe("acq-recon", "layer-wise learned rounding on the BN-inversion images, then ACQ fine-tuning", "acq",
+           {"ce": 1.0, "bns": 0.1, "centre": 1.0, "pair": 0.1, "consistency": 10.0}, reconstruct=True),
 ]}
 
 DEFAULT_METHOD = "acq"

@@ -331,3 +331,31 @@ def test_tensorrt_bench_and_build_cli(models, tmp_path):
     assert build_cli.main([str(q), "--out", str(tmp_path / "b.engine"), "--max-batch", "4",
                            "--timing-cache", str(tmp_path / "tc.bin")]) == 0
     assert (tmp_path / "b.engine").exists() and (tmp_path / "tc.bin").exists()
+
+
+def test_openvino_backend_times_both_models(models, tmp_path, capsys):
+    from dfq.export.runtimes import get_runtime
+
+    ok, why = get_runtime("openvino").status()
+    if not ok:
+        pytest.skip(f"OpenVINO cannot load here: {why}")
+    q, _ = models["onnxruntime"]
+    out = tmp_path / "ov.json"
+    assert bench_cli.main([str(q), *FAST, "--backend", "openvino", "--batch", "2", "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())["records"][0]
+    assert rec["backend"] == "openvino" and rec["batch"] == 2 and rec["speedup"] > 0
+    assert rec["fp_iterations"] >= 4 and rec["int_iterations"] >= 4
+
+
+def test_openvino_runs_the_artifact_close_to_onnxruntime(models):
+    from dfq.export.runtimes import get_runtime
+    from dfq.export.runtimes.openvino import compile_model, run_logits
+
+    if not get_runtime("openvino").status()[0]:
+        pytest.skip("OpenVINO cannot load here")
+    q, _ = models["onnxruntime"]
+    x = tiny_images(8, seed=9).numpy()
+    ov_out = run_logits(compile_model(q, threads=1, batch=8, input_shape=(3, 16, 16)), x)
+    ort_out = _session(onnx.load(str(q))).run(None, {"input": x})[0]
+    # a different runtime's integer arithmetic: close, not bit-identical
+    assert np.abs(ov_out - ort_out).max() < 0.1 * np.abs(ort_out).max() + 1e-3

@@ -225,3 +225,36 @@ def test_bias_correction_is_judged_against_the_given_fp_logits(monkeypatch):
     monkeypatch.setattr(cal, "output_kl", lambda fp, q: seen.append(fp) or float(len(seen)))
     res = cal.bias_correct(qm, tiny_images(32, seed=3), holdout=holdout, fp_logits=marker)
     assert len(seen) == 2 and all(t is marker for t in seen) and not res.applied
+
+
+def test_eval_identities_are_removed_at_trace_time():
+    """torchvision's StochasticDepth (EfficientNet-B0/B1) and functional dropout are the identity in
+    eval mode; FX traces into their functions, which the exporter must never see."""
+    import torchvision
+    from torch import nn
+
+    from dfq.export.onnx_export import build_onnx
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(4)
+            self.sd = torchvision.ops.StochasticDepth(0.2, "row")
+            self.fc = nn.Linear(4, 10)
+
+        def forward(self, x):
+            y = torch.relu(self.bn(self.conv(x)))
+            y = y + self.sd(y)
+            y = torch.nn.functional.dropout(y, 0.3, training=self.training)
+            return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+    model = randomize_bn(Net()).eval()
+    qm = quantize(model, qconfig(bits=8), tiny_images(2))
+    targets = {n.target for n in qm.module.graph.nodes if n.op == "call_function"}
+    assert torchvision.ops.stochastic_depth not in targets and torch.nn.functional.dropout not in targets
+    assert not {n.op_type for n in build_onnx(qm).fp.graph.node} & {"Dropout"}
+    calibrate(qm, tiny_images(16))
+    with torch.no_grad():
+        qm.set_enabled(False, False)
+        assert torch.allclose(qm.module(tiny_images(4)), model(tiny_images(4)), atol=1e-5)

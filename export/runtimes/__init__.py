@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dfq.common.errors import BackendUnavailableError, UsageError
 from dfq.common.registry import Registry
-from dfq.export.runtimes import onnxruntime, tensorrt
+from dfq.export.runtimes import onnxruntime, openvino, tensorrt
 from dfq.export.runtimes.base import Budget, Runtime, make_record
 
 RUNTIMES: Registry[Runtime] = Registry(
@@ -28,5 +28,6 @@ def require_runtime(name: str, model="MODEL.onnx") -> Runtime:
 register(onnxruntime.CPU)
 register(onnxruntime.CUDA)
 register(tensorrt.RUNTIME)
+register(openvino.RUNTIME)
 
 __all__ = ["Budget", "Runtime", "make_record", "register", "runtime_names", "get_runtime", "require_runtime"]

@@ -78,6 +78,11 @@ class Runtime:
         """What to do instead, appended to the 'cannot run here' message."""
         return ""
 
+    def session(self, path: Path, threads: int):
+        """A session-like object that runs the model on this machine's CPU for the checks
+        (``get_inputs()``, ``run(None, feed)``), or None where the runtime is not a CPU one."""
+        return None
+
     def preflight(self, int_path: Path, threads: int, input_shape) -> None:
         """Checks before anything is timed (raise UsageError / BackendUnavailableError)."""
 

@@ -10,8 +10,9 @@ A :class:`Target` owns
 * the static rules its runtime imposes on the graph (:meth:`Target.violations`);
 * how the artifact is verified: which runtime session runs it and which reference it is compared
   with (:meth:`Target.verification`);
-* the runtime its latency is measured on (:attr:`Target.latency_backend`) and whether ``.engine``
-  outputs are built for it (:attr:`Target.builds_engines`).
+* the runtimes its latency is measured on (:attr:`Target.latency_backends`), the other runtimes its
+  artifact is run on for agreement and top-1 (:attr:`Target.cross_check_runtimes`), and whether
+  ``.engine`` outputs are built for it (:attr:`Target.builds_engines`).
 
 A new target is one module defining a subclass and registering an instance with
 :func:`dfq.export.targets.register`.
@@ -52,7 +53,8 @@ class Target:
     summary: str
     scheme: QuantScheme
     qdq: QDQFormat
-    latency_backend: str = "onnxruntime-cpu"
+    latency_backends: tuple[str, ...] = ("onnxruntime-cpu", "openvino")   # measured where available
+    cross_check_runtimes: tuple[str, ...] = ("openvino",)   # also run the artifact there, where available
     builds_engines: bool = False
 
     def quant_config(self, **fields) -> QuantConfig:

@@ -1,0 +1,108 @@
+"""OpenVINO as a measuring runtime (``openvino``, CPU plugin).
+
+OpenVINO reads dfq's QDQ ONNX directly and runs the quantized regions in its own int8 kernels
+(VNNI, and AMX on Intel CPUs that have it). Both models are compiled for the CPU with one stream,
+``INFERENCE_NUM_THREADS = threads`` and FP32 inference precision (so the FP baseline is FP32, not
+bf16 on AMX machines), reshaped to the batch size, and timed interleaved with
+:func:`dfq.export.runtimes.base.interleaved` (one synchronous ``infer`` per run, the input already
+in host memory as for ONNX Runtime). OpenVINO is the optional extra ``pip install 'dfq[openvino]'``,
+imported where it is used.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dfq.export.ort_runtime import LatencyResult
+from dfq.export.runtimes.base import Budget, Runtime, interleaved, make_record
+from dfq.export.tensorrt import onnx_input_shape
+
+
+def compile_model(path: str | Path, *, threads: int, batch: int | None = None, input_shape=None):
+    """An OpenVINO CPU compiled model of the ONNX at ``path`` (reshaped to ``(batch, *input_shape)``
+    when both are given)."""
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(path))
+    if batch is not None and input_shape is not None:
+        model.reshape({model.inputs[0].any_name: [batch, *input_shape]})
+    config = {"INFERENCE_NUM_THREADS": int(threads), "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
+              "INFERENCE_PRECISION_HINT": "f32"}
+    return core.compile_model(model, "CPU", config)
+
+
+def run_logits(compiled, images: np.ndarray) -> np.ndarray:
+    """The first output of ``compiled`` on one batch."""
+    request = compiled.create_infer_request()
+    request.infer({0: np.ascontiguousarray(images, dtype=np.float32)})
+    return np.asarray(request.get_output_tensor(0).data).copy()
+
+
+class _Input:
+    name = "input"
+
+
+class OpenVINOSession:
+    """An OpenVINO compiled model behind the two methods of an ONNX Runtime session that dfq's checks
+    use (``get_inputs()[0].name`` and ``run(None, {name: images})``); dynamic batch."""
+
+    def __init__(self, path: str | Path, threads: int) -> None:
+        self.request = compile_model(path, threads=threads).create_infer_request()
+
+    def get_inputs(self):
+        return [_Input()]
+
+    def run(self, outputs, feed: dict) -> list[np.ndarray]:
+        self.request.infer({0: np.ascontiguousarray(next(iter(feed.values())), dtype=np.float32)})
+        return [np.asarray(self.request.get_output_tensor(0).data).copy()]
+
+
+class OpenVINORuntime(Runtime):
+    name = "openvino"
+    description = "OpenVINO CPU plugin"
+
+    def status(self) -> tuple[bool, str]:
+        try:
+            import openvino as ov
+
+            return True, f"OpenVINO {ov.__version__} on {ov.Core().get_property('CPU', 'FULL_DEVICE_NAME')}"
+        except Exception as exc:  # ImportError, or a wheel that cannot load on this CPU
+            return False, (f"OpenVINO is not usable ({type(exc).__name__}: {exc}); install it with "
+                           "`pip install 'dfq[openvino]'`")
+
+    def session(self, path: Path, threads: int) -> OpenVINOSession:
+        return OpenVINOSession(path, threads)
+
+    def measure(self, fp_path: Path, int_path: Path, *, batch: int, threads: int, budget: Budget,
+                input_shape=None) -> dict:
+        shape = input_shape
+        if shape is None:
+            shape = onnx_input_shape(int_path)[1]
+        x = np.random.default_rng(0).standard_normal((batch, *shape), dtype=np.float32)
+        requests = {k: compile_model(p, threads=threads, batch=batch, input_shape=shape).create_infer_request()
+                    for k, p in (("fp", fp_path), ("int", int_path))}
+
+        def timer(request):
+            def run(n, secs, cap, warm):
+                for _ in range(warm):
+                    request.infer({0: x})
+                times, spent = [], 0.0
+                while len(times) < cap:
+                    t0 = time.perf_counter()
+                    request.infer({0: x})
+                    times.append(time.perf_counter() - t0)
+                    spent += times[-1]
+                    if len(times) >= n and spent >= secs:
+                        break
+                return times
+            return run
+
+        times = interleaved({k: timer(r) for k, r in requests.items()}, budget)
+        res = {k: LatencyResult.from_times(v, batch=batch, threads=threads).to_dict() for k, v in times.items()}
+        return make_record(self.name, batch, threads, res["fp"], res["int"], int_precision="qdq (openvino int8)")
+
+
+RUNTIME = OpenVINORuntime()
