@@ -101,18 +101,21 @@ def image_folder(root, spec: ModelSpec) -> torchvision.datasets.ImageFolder:
 
 def iterate_images(dataset, batch_size: int, limit: int | None = None
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches ``(images float32 (B, C, H, W), labels int64 (B,))`` of the first ``limit`` items of
-    ``dataset`` (all when None) in index order; the last batch may be smaller. Loads in this
-    process (no workers). An unreadable image raises DataError naming the file."""
+    """Batches ``(images float32 (B, C, H, W), labels int64 (B,))`` of ``dataset``, in index order;
+    the last batch may be smaller. With ``limit``, ``limit`` items evenly spaced over the whole
+    dataset (an ImageFolder is sorted by class: its first items would all be of the first classes).
+    Loads in this process (no workers). An unreadable image raises DataError naming the file."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
-    total = len(dataset) if limit is None else min(limit, len(dataset))
+    n = len(dataset)
+    total = n if limit is None else min(limit, n)
+    order = [i * n // total for i in range(total)]
     samples = getattr(dataset, "samples", None)
     for start in range(0, total, batch_size):
         images, labels = [], []
-        for index in range(start, min(start + batch_size, total)):
+        for index in order[start:start + batch_size]:
             try:
                 image, label = dataset[index]
             except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for damaged files

@@ -49,6 +49,9 @@ def test_limit(tmp_path):
     dataset = image_folder(root, CIFAR)
     batches = list(iterate_images(dataset, 3, limit=7))
     assert sum(len(y) for _, y in batches) == 7 and len(batches) == 3
+    # evenly spaced over the class-sorted folder, not the first 7 images (the first 4 classes)
+    labels = torch.cat([y for _, y in batches]).tolist()
+    assert labels == sorted(labels) and len(set(labels)) == 7
     assert list(iterate_images(dataset, 3, limit=0)) == []
     assert sum(len(y) for _, y in iterate_images(dataset, 100, limit=1000)) == 20
     with pytest.raises(ValueError):
