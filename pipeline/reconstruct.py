@@ -45,7 +45,7 @@ ZETA, GAMMA = 1.1, -0.1
 class ReconstructConfig:
     iterations: int = 500        # per layer
     batch: int = 32
-    lr: float = 1e-3             # Adam on the rounding variables
+    lr: float | None = None      # Adam on the rounding variables; None: 3 / iterations
     reg: float = 0.01            # weight of the rounding regulariser
     beta_start: float = 20.0
     beta_end: float = 2.0
@@ -53,10 +53,16 @@ class ReconstructConfig:
     drop: float = 0.5            # probability of the float input, per element (QDrop)
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        # Adam moves a variable by about lr per step: 3 / iterations lets any weight cross its
+        # rounding point (|V| <= 4.6 at the start) within the schedule, whatever its length
+        if self.lr is None:
+            self.lr = 3.0 / self.iterations
+
     @classmethod
     def for_budget(cls, budget: str, input_size, seed: int = 0) -> "ReconstructConfig":
         small = is_small_input(input_size)
-        table = {"fast": (300, 64) if small else (150, 16), "default": (1000, 64) if small else (400, 16),
+        table = {"fast": (300, 64) if small else (300, 16), "default": (1000, 64) if small else (600, 16),
                  "long": (2000, 64) if small else (1000, 32)}
         iterations, batch = table[budget]
         return cls(iterations=iterations, batch=batch, seed=seed)
