@@ -94,8 +94,11 @@ def test_discrepancy_discriminator_and_importance_prior():
 
 
 def test_recipes_are_declarations():
-    assert set(RECIPES) == {"bns", "bns-ft", "gdfq", "dsg", "clusterq", "ddaq", "acq"}
+    assert set(RECIPES) == {"bns", "bns-ft", "gdfq", "dsg", "clusterq", "ddaq", "acq", "recon", "acq-recon"}
     assert not get_recipe("bns").trains and get_recipe("acq").generator == "acq"
+    assert get_recipe("recon").reconstruct and not get_recipe("recon").trains
+    assert get_recipe("acq-recon").reconstruct and get_recipe("acq-recon").trains
+    assert not any(get_recipe(m).reconstruct for m in ("bns", "bns-ft", "gdfq", "dsg", "clusterq", "ddaq", "acq"))
     with pytest.raises(ValueError, match="unknown terms"):
         Recipe("x", "", "conditional", {"magic": 1.0})
     with pytest.raises(ValueError, match="unknown method"):
