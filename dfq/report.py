@@ -85,6 +85,8 @@ class ExportReport:
             lines.append(f"| agreement exported ONNX vs fake-quant model (float) (top-1) | "
                          f"{_pct(f['agreement_float_fakequant'])} |")
         lines.append(f"| max / mean abs logit diff | {f['max_abs_logit_diff']:.4g} / {f['mean_abs_logit_diff']:.3g} |")
+        if "relative_logit_error" in f:
+            lines.append(f"| relative logit error | {f['relative_logit_error']:.3g} |")
         lines.append(f"| agreement exported ONNX vs FP (top-1) | {_pct(f['agreement_with_fp'])} |")
         if "top1_fp" in f:
             lines.append(f"| top-1 FP / fake-quant / exported | {_pct(f['top1_fp'])} / {_pct(f['top1_fakequant'])} / "
@@ -92,10 +94,14 @@ class ExportReport:
             lines.append(f"| drop (points) | {f['top1_drop_points']:.2f} |")
         for lat in self.latency:
             lines.append(f"| {lat['backend']} latency batch {lat['batch']}, {lat['threads']} threads: FP32 / quantized "
-                         f"median | {lat['fp_ms']:.2f} / {lat['int_ms']:.2f} ms ({lat['speedup']:.2f}x) |")
+                         f"median | {lat['fp_ms']:.2f} / {lat['int_ms']:.2f} ms ({lat['speedup']:.2f}x"
+                         + (", SLOWER than FP32" if lat.get("slower_than_fp32") else "") + ") |")
         if self.engine:
             lines.append(f"| TensorRT engine | {self.engine.get('status')} |")
         lines.append("")
+        for lat in self.latency:
+            if lat.get("breakdown"):
+                lines += _breakdown_table(lat)
         if self.sensitivity:
             lines += _sensitivity_table(self.sensitivity, self.quant.get("layer_precision", {}))
         return "\n".join(lines)
@@ -118,5 +124,32 @@ class ExportReport:
         for lat in self.latency:
             lines.append(f"[dfq] {lat['backend']} latency batch {lat['batch']} ({lat['threads']} threads): FP32 "
                          f"{lat['fp_ms']:.2f} ms, quantized {lat['int_ms']:.2f} ms, speedup {lat['speedup']:.2f}x")
+            if lat.get("slower_than_fp32"):
+                lines.append(_slower_warning(lat, self.quant["target"]))
         lines.append(f"[dfq] report: {self.outputs['report']} and {self.outputs['markdown']} ({self.wall_s:.0f} s)")
         return lines
+
+
+def _slower_warning(lat: dict, target: str) -> str:
+    """The console line for an artifact slower than its FP32 twin on a runtime, naming the slowest
+    nodes of the quantized graph where the runtime could profile it."""
+    text = (f"[dfq] WARNING: on {lat['backend']} (batch {lat['batch']}) the quantized artifact is SLOWER than FP32 "
+            f"({lat['speedup']:.2f}x)")
+    nodes = (lat.get("breakdown") or {}).get("slowest_quantized_nodes") or []
+    if nodes:
+        text += "; slowest nodes: " + ", ".join(f"{n['node']} ({n['op']}, {n['ms']:.2f} ms)" for n in nodes[:5])
+    if lat.get("deployment_runtime") is False:
+        text += f". The {target} flavour is laid out for other runtimes, not for this one."
+    return text
+
+
+def _breakdown_table(lat: dict) -> list[str]:
+    """Markdown: kernel time per op type of both models, for a runtime where the artifact is slower."""
+    b = lat["breakdown"]
+    ops = list(dict.fromkeys([*b["op_ms_quantized"], *b["op_ms_fp32"]]))
+    lines = [f"## Slower than FP32 on {lat['backend']}, batch {lat['batch']} ({lat['speedup']:.2f}x)", "",
+             "Profiled kernel time per op type (ms):", "", "| op | FP32 | quantized |", "| --- | --- | --- |"]
+    lines += [f"| {op} | {b['op_ms_fp32'].get(op, 0):.3f} | {b['op_ms_quantized'].get(op, 0):.3f} |" for op in ops]
+    lines += ["", "Slowest nodes of the quantized graph: "
+              + ", ".join(f"{n['node']} ({n['op']}, {n['ms']:.3f} ms)" for n in b["slowest_quantized_nodes"]), ""]
+    return lines

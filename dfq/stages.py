@@ -48,6 +48,10 @@ from dfq.report import ExportReport
 # An exported artifact that disagrees with the model it came from more often than this is a
 # defect, not a quantization loss: the run fails with VerificationError.
 MIN_AGREEMENT = 0.99
+# An artifact whose logits differ from the reference's by more than this (sum |diff| / sum |ref|)
+# has a defect even where the top-1 answers agree (a scale off by a factor keeps the argmax of a
+# confident model). Rounding steps flipped by float32 in the reference move it by well under 1%.
+MAX_RELATIVE_LOGIT_ERROR = 0.05
 
 
 @dataclass
@@ -372,14 +376,25 @@ def verify_stage(run: Run, inputs: Inputs, data: SyntheticData, q: Quantized, ar
 
 def measure_stage(run: Run, inputs: Inputs, artifact: Artifact) -> list[dict]:
     """Speedup of the artifact over the FP32 twin on each of the target's latency runtimes available
-    here, timed interleaved in one process."""
+    here, timed interleaved in one process. Where the artifact is slower than FP32 the record says
+    so, with the runtime's breakdown of where the time goes (per op type, slowest nodes)."""
     job = run.job
     runtimes = [get_runtime(n) for n in run.target.latency_backends if get_runtime(n).status()[0]]
     budget = Budget(warmup=3, seconds=job.latency_seconds, max_iterations=1000)
     shape = tuple(inputs.loaded.spec.input_size)
     with run.timed("latency"):
-        return [r.measure(artifact.fp_tmp, artifact.onnx_tmp, batch=b, threads=job.threads, budget=budget,
-                          input_shape=shape) for r in runtimes for b in job.latency_batches]
+        records = []
+        for r in runtimes:
+            for b in job.latency_batches:
+                rec = r.measure(artifact.fp_tmp, artifact.onnx_tmp, batch=b, threads=job.threads, budget=budget,
+                                input_shape=shape)
+                rec["slower_than_fp32"] = rec["speedup"] < 1.0
+                rec["deployment_runtime"] = r.name in run.target.deploys_on
+                if rec["slower_than_fp32"]:
+                    rec["breakdown"] = r.breakdown(artifact.fp_tmp, artifact.onnx_tmp, batch=b, threads=job.threads,
+                                                   input_shape=shape)
+                records.append(rec)
+        return records
 
 
 # -- report, write, build ---------------------------------------------------------------------
@@ -416,18 +431,31 @@ def report_stage(run: Run, inputs: Inputs, data: SyntheticData, sensitivity: Sen
         sensitivity=None if sensitivity is None else sensitivity.to_dict(), reconstruction=reconstruction)
 
 
+def fidelity_problem(f: dict) -> str | None:
+    """What is wrong with an artifact whose fidelity numbers are ``f``, or None: agreement with the
+    reference below :data:`MIN_AGREEMENT`, or logits further from it than
+    :data:`MAX_RELATIVE_LOGIT_ERROR` (with a floor for logits that are all ~0)."""
+    if f["agreement"] < MIN_AGREEMENT:
+        return (f"The exported ONNX agrees with the fake-quant model on only {100 * f['agreement']:.2f}% of "
+                f"top-1 predictions ({f['images']} images); expected at least {100 * MIN_AGREEMENT:.0f}%.")
+    if f["relative_logit_error"] > MAX_RELATIVE_LOGIT_ERROR and f["mean_abs_logit_diff"] > 1e-4:
+        return (f"The exported ONNX's logits differ from the fake-quant model's by "
+                f"{100 * f['relative_logit_error']:.1f}% (sum |diff| / sum |reference| over {f['images']} images; "
+                f"expected at most {100 * MAX_RELATIVE_LOGIT_ERROR:.0f}%) although {100 * f['agreement']:.2f}% of "
+                "the top-1 answers agree: a scale or weight in the artifact is wrong.")
+    return None
+
+
 def check_failure(run: Run, report: ExportReport) -> VerificationError | None:
-    """The verification failure of the artifact, if any: a rule its target breaks, or agreement
-    with the reference below :data:`MIN_AGREEMENT`."""
-    f = report.fidelity
+    """The verification failure of the artifact, if any: a rule its target breaks, or a
+    :func:`fidelity_problem`."""
     if report.rule_violations:
         return VerificationError(f"The exported graph breaks {run.target.name}'s Q/DQ rules:\n  "
                                  + "\n  ".join(report.rule_violations))
-    if f["agreement"] < MIN_AGREEMENT:
-        return VerificationError(
-            f"The exported ONNX agrees with the fake-quant model on only {100 * f['agreement']:.2f}% of "
-            f"top-1 predictions ({f['images']} images); expected at least {100 * MIN_AGREEMENT:.0f}%. "
-            f"The artifact is not trustworthy; the report {run.job.report_path} has the details.")
+    problem = fidelity_problem(report.fidelity)
+    if problem is not None:
+        return VerificationError(f"{problem} The artifact is not trustworthy; the report {run.job.report_path} "
+                                 "has the details.")
     return None
 
 

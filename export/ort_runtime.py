@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import math
 import os
 import tempfile
@@ -32,7 +33,7 @@ import onnx
 import onnxruntime as ort
 
 __all__ = ["OPTIMIZATION_LEVELS", "make_session", "run_logits", "optimized_op_types", "LatencyResult",
-           "measure_latency", "compare_latency"]
+           "measure_latency", "compare_latency", "node_times", "time_breakdown"]
 
 _LEVEL_NAMES = {
     "all": "ORT_ENABLE_ALL",
@@ -305,3 +306,47 @@ def compare_latency(fp_path, int_path, *, batch: int, threads: int, rounds: int 
     res = {k: LatencyResult.from_times(v, batch=batch, threads=threads) for k, v in times.items()}
     return {"fp": res["fp"].to_dict(), "int": res["int"].to_dict(),
             "speedup": res["fp"].median_ms / res["int"].median_ms, "rounds": rounds}
+
+
+def node_times(onnx_path, *, batch: int, threads: int, input_shape=None, runs: int = 5,
+               optimization: str = "all") -> list[dict]:
+    """Where one model's time goes on ORT's CPU provider: ``{"node", "op", "ms"}`` per node of the
+    optimized graph (mean kernel time over ``runs`` profiled runs after one warm-up), slowest first.
+    Profiling adds a little overhead to every node; compare these numbers with each other."""
+    so = _session_options(threads, optimization)
+    so.enable_profiling = True
+    with tempfile.TemporaryDirectory(prefix="dfq-profile-") as tmp:
+        so.profile_file_prefix = os.path.join(tmp, "ort")
+        session = ort.InferenceSession(_model_source(onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
+        feed = _latency_feed(session, batch, input_shape, seed=0)
+        for _ in range(1 + max(1, runs)):
+            session.run(None, feed)
+        with open(session.end_profiling()) as f:
+            events = json.load(f)
+    total: dict[str, list] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            node = e["name"][: -len("_kernel_time")]
+            entry = total.setdefault(node, [e.get("args", {}).get("op_name", "?"), [], 0.0])
+            entry[1].append(float(e["dur"]))
+    out = []
+    for node, (op, durs, _) in total.items():
+        kept = durs[-max(1, runs):]   # the timed runs, not the warm-up
+        out.append({"node": node, "op": op, "ms": sum(kept) / len(kept) / 1e3})
+    return sorted(out, key=lambda r: -r["ms"])
+
+
+def time_breakdown(fp_path, int_path, *, batch: int, threads: int, input_shape=None, top: int = 8) -> dict:
+    """Why a quantized model is not faster than its FP32 twin on ORT's CPU provider: kernel time
+    per op type of each (ms, profiled) and the quantized graph's slowest nodes."""
+    fp = node_times(fp_path, batch=batch, threads=threads, input_shape=input_shape)
+    q = node_times(int_path, batch=batch, threads=threads, input_shape=input_shape)
+
+    def by_op(rows):
+        acc: dict[str, float] = collections.Counter()
+        for r in rows:
+            acc[r["op"]] += r["ms"]
+        return {k: round(v, 4) for k, v in sorted(acc.items(), key=lambda kv: -kv[1])}
+
+    return {"op_ms_fp32": by_op(fp), "op_ms_quantized": by_op(q),
+            "slowest_quantized_nodes": [{**r, "ms": round(r["ms"], 4)} for r in q[:top]]}

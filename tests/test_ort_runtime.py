@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from dfq.export.ort_runtime import (LatencyResult, compare_latency, make_session, measure_latency,
-                                    optimized_op_types, run_logits)
+                                    node_times, optimized_op_types, run_logits, time_breakdown)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -172,3 +172,25 @@ def test_compare_latency_structure(tiny, tiny_peer):
         assert res[k]["iterations"] == 6 and res[k]["batch"] == 2 and res[k]["threads"] == 1
         assert res[k]["median_ms"] > 0
     assert res["speedup"] == pytest.approx(res["fp"]["median_ms"] / res["int"]["median_ms"])
+
+
+def test_time_breakdown_names_op_types_and_nodes(tiny, tiny_peer):
+    _, fp_path, _ = tiny
+    rows = node_times(tiny_peer, batch=2, threads=1, runs=2)
+    assert rows and all(r["ms"] >= 0 and r["op"] and r["node"] for r in rows)
+    assert [r["ms"] for r in rows] == sorted((r["ms"] for r in rows), reverse=True)
+    assert any(r["op"].startswith("QLinear") for r in rows)   # the peer's integer kernels show up
+    b = time_breakdown(fp_path, tiny_peer, batch=2, threads=1, top=3)
+    assert "Conv" in " ".join(b["op_ms_fp32"]) and len(b["slowest_quantized_nodes"]) == 3
+
+
+def test_slower_artifact_is_named_on_the_console():
+    from dfq.report import _breakdown_table, _slower_warning
+
+    lat = {"backend": "onnxruntime-cpu", "batch": 1, "speedup": 0.5, "slower_than_fp32": True, "deployment_runtime": False,
+           "breakdown": {"op_ms_fp32": {"Conv": 1.0}, "op_ms_quantized": {"FusedConv": 2.0},
+                         "slowest_quantized_nodes": [{"node": "features_2", "op": "FusedConv", "ms": 2.0}]}}
+    line = _slower_warning(lat, "tensorrt")
+    assert "SLOWER than FP32 (0.50x)" in line and "features_2 (FusedConv" in line and "laid out for other" in line
+    assert "laid out" not in _slower_warning({**lat, "deployment_runtime": True}, "onnxruntime")
+    assert "| FusedConv | 0.000 | 2.000 |" in "\n".join(_breakdown_table(lat))

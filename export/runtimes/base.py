@@ -89,3 +89,8 @@ class Runtime:
     def measure(self, fp_path: Path, int_path: Path, *, batch: int, threads: int, budget: Budget,
                 input_shape=None) -> dict:
         raise NotImplementedError
+
+    def breakdown(self, fp_path: Path, int_path: Path, *, batch: int, threads: int, input_shape=None) -> dict | None:
+        """Where the time goes in both models (per op type, slowest nodes), or None where this
+        runtime cannot say."""
+        return None

@@ -12,7 +12,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from dfq.common.errors import BackendUnavailableError, UsageError
-from dfq.export.ort_runtime import compare_latency, make_session
+from dfq.export.ort_runtime import compare_latency, make_session, time_breakdown
 from dfq.export.runtimes.base import Budget, Runtime, make_record
 
 
@@ -30,11 +30,17 @@ class OrtCpu(Runtime):
             raise UsageError(f"Cannot time {int_path} at batch {batch}: {exc}") from exc
         return make_record(self.name, batch, threads, res["fp"], res["int"])
 
+    def breakdown(self, fp_path: Path, int_path: Path, *, batch: int, threads: int, input_shape=None) -> dict | None:
+        return time_breakdown(fp_path, int_path, batch=batch, threads=threads, input_shape=input_shape)
+
 
 class OrtCuda(OrtCpu):
     name = "onnxruntime-cuda"
     description = "ONNX Runtime CUDAExecutionProvider"
     providers = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+    def breakdown(self, fp_path: Path, int_path: Path, *, batch: int, threads: int, input_shape=None) -> dict | None:
+        return None   # ORT's CPU profile says nothing about the CUDA kernels
 
     def status(self) -> tuple[bool, str]:
         available = ort.get_available_providers()

@@ -55,6 +55,8 @@ class Target:
     qdq: QDQFormat
     latency_backends: tuple[str, ...] = ("onnxruntime-cpu", "openvino")   # measured where available
     cross_check_runtimes: tuple[str, ...] = ("openvino",)   # also run the artifact there, where available
+    # the runtimes the flavour is laid out for (its speed elsewhere is informative only)
+    deploys_on: tuple[str, ...] = ("onnxruntime-cpu", "onnxruntime-cuda", "openvino")
     builds_engines: bool = False
 
     def quant_config(self, **fields) -> QuantConfig:

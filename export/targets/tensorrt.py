@@ -33,6 +33,7 @@ class TensorRTTarget(Target):
     scheme = QuantScheme("tensorrt", unsigned_8bit_max=127)
     qdq = QDQFormat(uint8_activations=False, clip_on_codes=False, relu6_as_relu=False)
     builds_engines = True
+    deploys_on = ("tensorrt",)
 
     def violations(self, model: onnx.ModelProto) -> list[str]:
         return tensorrt_violations(model)
