@@ -67,6 +67,8 @@ def main(argv=None) -> int:
         "drop_points": f["top1_drop_points"], "agreement": f["agreement"],
         "agreement_with_fp": f["agreement_with_fp"], "agreement_exact": f.get("agreement_exact"),
         "agreement_float_fakequant": f.get("agreement_float_fakequant"), "reference": f.get("reference"),
+        "agreement_openvino": f.get("agreement_openvino"), "top1_openvino": f.get("top1_openvino"),
+        "relative_logit_error": f.get("relative_logit_error"),
         "images": f["images"],
         "steps": (rep.get("finetune", {}).get("result") or {}).get("steps", 0),
         "batch": (rep.get("finetune", {}).get("config") or {}).get("batch"),

@@ -1,8 +1,9 @@
-"""``dfq-bench`` on the CPU for the models of issue 4: W8A8 and W4A4 onnxruntime artifacts of
-resnet18 (random weights: latency does not depend on them), ResNet-20 and EfficientNet-Lite0 (real
-weights), batch 1 and 32, through the real ``dfq-bench`` command.
+"""``dfq-bench`` on the CPU: W8A8 and W4A4 artifacts of resnet18 (random weights: latency does not
+depend on them), ResNet-20 and EfficientNet-Lite0 (real weights), batch 1 and 32, on ONNX Runtime
+and OpenVINO in one run, through the real ``dfq-bench`` command.
 
     python benchmarks/bench_cpu.py --threads 2
+    python benchmarks/bench_cpu.py --targets onnxruntime tensorrt --backends onnxruntime-cpu openvino
 
 Artifacts are built here (quantizers calibrated on seeded noise: scales do not change latency;
 the accuracy benchmarks use the real pipeline). Each ``dfq-bench`` JSON is kept under
@@ -34,6 +35,37 @@ from dfq.export.targets import get_target  # noqa: E402
 from dfq.pipeline.quantize import quantize  # noqa: E402
 
 
+def _bench_one(name, weights, model, spec, calib, target, bits, args, tmp: Path, out_dir: Path, records) -> int:
+    """Build one artifact and time it with dfq-bench on every backend; append the records."""
+    t0 = time.perf_counter()
+    qm = quantize(model, get_target(target).quant_config(bits=bits), calib[:2])
+    calibrate(qm, calib, batch_size=8)
+    q_path = tmp / f"{name}-{target}-w{bits}a{bits}.onnx"
+    export_onnx(qm, q_path, fp_path=q_path.with_name(q_path.stem + ".fp32.onnx"))
+    json_path = out_dir / f"{name}-{target}-w{bits}a{bits}.json"
+    cmd = ["dfq-bench", str(q_path), "--threads", str(args.threads), "--seconds", str(args.seconds),
+           "--out", str(json_path)]
+    for backend in args.backends:
+        cmd += ["--backend", backend]
+    for b in args.batches:
+        cmd += ["--batch", str(b)]
+    print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)
+    proc = subprocess.run([sys.executable, "-m", "dfq.bench_cli", *cmd[1:]], text=True)
+    if proc.returncode != 0:
+        print(f"dfq-bench exited {proc.returncode}", file=sys.stderr)
+        return proc.returncode
+    result = json.loads(json_path.read_text())
+    machine = result.get("machine") or {}
+    flags = machine.get("cpu_flags") or []
+    cpu = "+".join(f for f in ("avx512_vnni", "amx_int8") if f in flags) or "no-vnni"
+    for r in result["records"]:
+        records.append({"kind": "latency", "model": name, "weights": weights, "bits": f"W{bits}A{bits}",
+                        "target": target, **r, "cpu": cpu, "peer": None, "peer_speedup": None,
+                        "commit": result.get("git_commit"), "machine": machine,
+                        "command": " ".join(cmd).replace(str(tmp), "TMP"), "wall_s": time.perf_counter() - t0})
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet18", "resnet20", "efficientnet_lite0"])
@@ -41,6 +73,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--targets", nargs="+", default=["onnxruntime"], help="artifact flavours to build")
+    ap.add_argument("--backends", nargs="+", default=["onnxruntime-cpu", "openvino"])
     args = ap.parse_args(argv)
     out_dir = HERE / "results" / "bench_cpu"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -49,34 +83,16 @@ def main(argv=None) -> int:
         model, spec, weights = build_model(name)
         calib = torch.randn(32, *spec.input_size, generator=torch.Generator().manual_seed(0))
         with tempfile.TemporaryDirectory() as tmp:
-            for bits in args.bits:
-                t0 = time.perf_counter()
-                qm = quantize(model, get_target("onnxruntime").quant_config(bits=bits), calib[:2])
-                calibrate(qm, calib, batch_size=8)
-                q_path = Path(tmp) / f"{name}-w{bits}a{bits}.onnx"
-                export_onnx(qm, q_path, fp_path=q_path.with_name(q_path.stem + ".fp32.onnx"))
-                json_path = out_dir / f"{name}-w{bits}a{bits}.json"
-                cmd = ["dfq-bench", str(q_path), "--threads", str(args.threads), "--seconds", str(args.seconds),
-                       "--out", str(json_path)]
-                for b in args.batches:
-                    cmd += ["--batch", str(b)]
-                print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)
-                proc = subprocess.run([sys.executable, "-m", "dfq.bench_cli", *cmd[1:]], text=True)
-                if proc.returncode != 0:
-                    print(f"dfq-bench exited {proc.returncode}", file=sys.stderr)
-                    return proc.returncode
-                result = json.loads(json_path.read_text())
-                for r in result["records"]:
-                    records.append({"kind": "latency", "model": name, "weights": weights, "bits": f"W{bits}A{bits}",
-                                    "target": "onnxruntime", **r, "peer": None, "peer_speedup": None,
-                                    "commit": result.get("git_commit"), "machine": result.get("machine"),
-                                    "command": " ".join(cmd).replace(tmp, "TMP"),
-                                    "wall_s": time.perf_counter() - t0})
+            for target in args.targets:
+                for bits in args.bits:
+                    rc = _bench_one(name, weights, model, spec, calib, target, bits, args, Path(tmp), out_dir, records)
+                    if rc:
+                        return rc
     merged = merge_records(HERE / "results" / "bench_cpu.json", records,
-                           key=("model", "bits", "backend", "batch", "threads"))
+                           key=("model", "bits", "target", "backend", "batch", "threads"))
     write_markdown(HERE / "results" / "bench_cpu.md", merged,
-                   ["model", "weights", "bits", "backend", "batch", "threads", "fp_ms", "int_ms", "speedup",
-                    "commit"], "dfq-bench on the CPU: quantized ONNX vs its FP32 ONNX, same process, interleaved")
+                   ["model", "weights", "bits", "target", "backend", "batch", "threads", "fp_ms", "int_ms", "speedup",
+                    "cpu", "commit"], "dfq-bench on the CPU: quantized ONNX vs its FP32 ONNX, same process, interleaved")
     return 0
 
 

@@ -6,8 +6,9 @@ and the data-free AdaRound variants do, the images are the BN-inversion set. Lay
 graph order, with the layers before already fixed:
 
 * inputs: the layer's input in the quantized model (``x_q``, earlier layers reconstructed) and in
-  the float model with every quantizer off (``x_fp``), and the float layer's output on ``x_fp``
-  (``y``), the target;
+  the FP model (``x_fp``: a copy taken before the first layer's codes were baked, every quantizer
+  off), and the FP layer's output on ``x_fp`` (``y``), the target: so each layer also makes up
+  for the error the layers before it left, instead of matching a model that already has it;
 * each weight becomes ``s * clamp(floor(w / s) + h(V), qmin, qmax)`` with the rectified sigmoid
   ``h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)`` (``zeta = 1.1``, ``gamma = -0.1``),
   ``V`` initialised so that ``h(V) = frac(w / s)`` (the float weight), ``s`` the calibrated
@@ -26,6 +27,7 @@ FP->quantized KL on held-out synthetic images falls.
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass
 
@@ -111,23 +113,32 @@ class _LearnedRounding(nn.Module):
         return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
 
 
+class _Captured(Exception):
+    """Raised by the capture hook: nothing after the layer needs to run."""
+
+
 @torch.no_grad()
-def _capture(qmodel: QuantizedModel, layer: nn.Module, images: torch.Tensor, quantized: bool, batch: int = 64):
-    """(inputs, outputs) of ``layer`` over ``images``, with the model's quantizers on or off."""
+def _capture(model: QuantizedModel, layer: nn.Module, images: torch.Tensor, quantized: bool, batch: int = 64):
+    """(inputs, outputs) of ``layer`` over ``images``, with the model's quantizers on or off; the
+    forward pass stops at the layer."""
     xs, ys = [], []
 
     def record(module, inputs, output) -> None:
         xs.append(inputs[0].detach())
         ys.append(output.detach())
+        raise _Captured
 
     hook = layer.register_forward_hook(record)
-    qmodel.set_enabled(quantized, quantized)
+    model.set_enabled(quantized, quantized)
     try:
         for i in range(0, len(images), batch):
-            qmodel.module(images[i:i + batch])
+            try:
+                model.module(images[i:i + batch])
+            except _Captured:
+                pass
     finally:
         hook.remove()
-        qmodel.set_enabled(True, True)
+        model.set_enabled(True, True)
     return torch.cat(xs), torch.cat(ys)
 
 
@@ -143,13 +154,15 @@ def _bake(layer: nn.Module, codes: torch.Tensor, scale: torch.Tensor) -> None:
         layer.weight.copy_(target)
 
 
-def _reconstruct_layer(qmodel: QuantizedModel, node: fx.Node, images: torch.Tensor, cfg: ReconstructConfig,
-                       gen: torch.Generator) -> tuple[float, float, float]:
-    """Learn and fix one layer's rounding; returns (first loss, last loss, fraction flipped)."""
+def _reconstruct_layer(qmodel: QuantizedModel, fp_model: QuantizedModel, node: fx.Node, images: torch.Tensor,
+                       cfg: ReconstructConfig, gen: torch.Generator) -> tuple[float, float, float]:
+    """Learn and fix one layer's rounding; returns (first loss, last loss, fraction flipped).
+    ``fp_model`` is a copy of ``qmodel`` from before any layer was reconstructed: its float weights
+    are the FP model's (``qmodel``'s earlier layers hold their baked codes by now)."""
     gm = qmodel.module
     layer = gm.get_submodule(str(node.target))
     x_q, _ = _capture(qmodel, layer, images, quantized=True)
-    x_fp, y = _capture(qmodel, layer, images, quantized=False)
+    x_fp, y = _capture(fp_model, fp_model.module.get_submodule(str(node.target)), images, quantized=False)
     aq = input_quantizer_of(gm, node)
     in_scale = gm.get_submodule(str(aq.target)).scale.detach() if aq is not None else None
     original = layer.weight_quantizer
@@ -196,11 +209,12 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, cfg: ReconstructCo
     qmodel.module.eval()
     for p in qmodel.module.parameters():
         p.requires_grad_(False)
+    fp_model = QuantizedModel(copy.deepcopy(qmodel.module), qmodel.config, dict(qmodel.layer_precision))
     bar = progress_bar(len(nodes), "reconstruct", unit="layer") if progress else None
     firsts, lasts, flips, sizes = [], [], [], []
     try:
         for node in nodes:
-            first, last, flipped = _reconstruct_layer(qmodel, node, images, cfg, gen)
+            first, last, flipped = _reconstruct_layer(qmodel, fp_model, node, images, cfg, gen)
             firsts.append(first)
             lasts.append(last)
             flips.append(flipped)
