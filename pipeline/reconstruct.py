@@ -32,6 +32,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from dfq.common.progress import progress as progress_bar
@@ -53,6 +54,7 @@ class ReconstructConfig:
     beta_end: float = 2.0
     warmup: float = 0.2          # fraction of the iterations without the regulariser
     drop: float = 0.5            # probability of the float input, per element (QDrop)
+    crop: int | None = 16        # conv layers train on crop x crop output windows (None: whole maps)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -64,10 +66,10 @@ class ReconstructConfig:
     @classmethod
     def for_budget(cls, budget: str, input_size, seed: int = 0) -> "ReconstructConfig":
         small = is_small_input(input_size)
-        table = {"fast": (300, 64) if small else (300, 16), "default": (1000, 64) if small else (600, 16),
-                 "long": (2000, 64) if small else (1000, 32)}
+        table = {"fast": (300, 64) if small else (500, 32), "default": (1000, 64) if small else (1500, 32),
+                 "long": (2000, 64) if small else (3000, 64)}
         iterations, batch = table[budget]
-        return cls(iterations=iterations, batch=batch, seed=seed)
+        return cls(iterations=iterations, batch=batch, crop=None if small else 16, seed=seed)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -154,6 +156,44 @@ def _bake(layer: nn.Module, codes: torch.Tensor, scale: torch.Tensor) -> None:
         layer.weight.copy_(target)
 
 
+class _Windows:
+    """The training data of one layer: its captured inputs (quantized and FP) and FP outputs, served
+    as batches of random ``crop`` x ``crop`` output windows for a conv whose output map is larger
+    (the same window for every image of a batch; the inputs are padded once, so a window is a plain
+    slice). A window sees every weight of the layer; it costs (crop / map side)^2 of the whole map,
+    which is what lets the early high-resolution layers of an ImageNet model train many steps."""
+
+    def __init__(self, layer: nn.Module, x_q: torch.Tensor, x_fp: torch.Tensor, y: torch.Tensor, crop: int | None):
+        self.layer, self.y = layer, y
+        self.conv = isinstance(layer, QuantConv2d) and crop is not None and y.dim() == 4 and max(y.shape[2:]) > crop
+        self.crop = crop
+        if self.conv:
+            top, left, bottom, right = layer.pads
+            x_q, x_fp = (F.pad(x, (left, right, top, bottom)) for x in (x_q, x_fp))
+        self.x_q, self.x_fp = x_q, x_fp
+
+    def sample(self, idx: torch.Tensor, gen: torch.Generator):
+        xq, xf, y = self.x_q[idx], self.x_fp[idx], self.y[idx]
+        if not self.conv:
+            return xq, xf, y
+        (sh, sw), (dh, dw), (kh, kw) = self.layer.stride, self.layer.dilation, self.layer.kernel_size
+        ph, pw = min(self.crop, y.shape[2]), min(self.crop, y.shape[3])
+        oy = int(torch.randint(0, y.shape[2] - ph + 1, (1,), generator=gen))
+        ox = int(torch.randint(0, y.shape[3] - pw + 1, (1,), generator=gen))
+        iy, ix = oy * sh, ox * sw
+        hin, win = (ph - 1) * sh + dh * (kh - 1) + 1, (pw - 1) * sw + dw * (kw - 1) + 1
+        window = (slice(None), slice(None), slice(iy, iy + hin), slice(ix, ix + win))
+        return xq[window], xf[window], y[:, :, oy:oy + ph, ox:ox + pw]
+
+    def forward(self, x: torch.Tensor, in_scale: torch.Tensor | None) -> torch.Tensor:
+        if not self.conv:
+            return self.layer(x, in_scale)
+        layer = self.layer
+        w, b = layer.folded()
+        return F.conv2d(x, layer.weight_quantizer(w), layer.quantized_bias(b, in_scale), layer.stride, 0,
+                        layer.dilation, layer.groups)
+
+
 def _reconstruct_layer(qmodel: QuantizedModel, fp_model: QuantizedModel, node: fx.Node, images: torch.Tensor,
                        cfg: ReconstructConfig, gen: torch.Generator) -> tuple[float, float, float]:
     """Learn and fix one layer's rounding; returns (first loss, last loss, fraction flipped).
@@ -163,6 +203,7 @@ def _reconstruct_layer(qmodel: QuantizedModel, fp_model: QuantizedModel, node: f
     layer = gm.get_submodule(str(node.target))
     x_q, _ = _capture(qmodel, layer, images, quantized=True)
     x_fp, y = _capture(fp_model, fp_model.module.get_submodule(str(node.target)), images, quantized=False)
+    data = _Windows(layer, x_q, x_fp, y, cfg.crop)
     aq = input_quantizer_of(gm, node)
     in_scale = gm.get_submodule(str(aq.target)).scale.detach() if aq is not None else None
     original = layer.weight_quantizer
@@ -176,10 +217,10 @@ def _reconstruct_layer(qmodel: QuantizedModel, fp_model: QuantizedModel, node: f
     try:
         for it in range(cfg.iterations):
             idx = torch.randint(0, len(images), (min(cfg.batch, len(images)),), generator=gen)
-            xq, xf = x_q[idx], x_fp[idx]
+            xq, xf, target = data.sample(idx, gen)
             keep_fp = torch.rand(xq.shape, generator=gen) < cfg.drop
-            out = layer(torch.where(keep_fp, xf, xq), in_scale)
-            rec = (out - y[idx]).pow(2).sum(1).mean()
+            out = data.forward(torch.where(keep_fp, xf, xq), in_scale)
+            rec = (out - target).pow(2).sum(1).mean()
             t = (it - cfg.warmup * cfg.iterations) / max(1.0, (1 - cfg.warmup) * cfg.iterations)
             loss = rec
             if t >= 0:

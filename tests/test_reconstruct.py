@@ -70,3 +70,26 @@ def test_recon_recipe_end_to_end(tmp_path):
     rec = report["reconstruction"]
     assert rec["result"]["layers"] == 18 and rec["kept"] == (rec["heldout_kd"]["after"] < rec["heldout_kd"]["before"])
     assert report["fidelity"]["agreement"] >= 0.99 and not report["finetune"]["ran"]
+
+
+def test_conv_windows_are_slices_of_the_whole_output():
+    """A crop's output, computed from the once-padded input, is exactly the same window of the
+    layer's own output (strided, asymmetric padding, depthwise)."""
+    from torch import nn
+
+    from dfq.pipeline.qmodules import QuantConv2d
+    from dfq.pipeline.reconstruct import _Windows
+
+    for conv, pads in ((nn.Conv2d(4, 6, 3, stride=2, padding=1), (0, 0, 1, 1)),
+                       (nn.Conv2d(6, 6, 5, padding=2, groups=6, dilation=1), None)):
+        layer = QuantConv2d(conv, nn.BatchNorm2d(conv.out_channels).eval(), 4, pads=pads).eval()
+        x = torch.randn(3, conv.in_channels, 37, 37)
+        with torch.no_grad():
+            y = layer(x)
+            data = _Windows(layer, x, x + 1, y, crop=7)
+            assert data.conv
+            gen = torch.Generator().manual_seed(0)
+            for _ in range(5):
+                xq, xf, target = data.sample(torch.tensor([2, 0]), gen)
+                assert target.shape[2:] == (7, 7) and xf.shape == xq.shape
+                assert torch.allclose(data.forward(xq, None), target, atol=1e-5)
