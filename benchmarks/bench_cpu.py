@@ -35,7 +35,7 @@ from dfq.export.targets import get_target  # noqa: E402
 from dfq.pipeline.quantize import quantize  # noqa: E402
 
 
-def _bench_one(name, weights, model, spec, calib, target, bits, args, tmp: Path, out_dir: Path, records) -> int:
+def _bench_one(name, weights, model, calib, target, bits, args, tmp: Path, out_dir: Path, records) -> int:
     """Build one artifact and time it with dfq-bench on every backend; append the records."""
     t0 = time.perf_counter()
     qm = quantize(model, get_target(target).quant_config(bits=bits), calib[:2])
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             for target in args.targets:
                 for bits in args.bits:
-                    rc = _bench_one(name, weights, model, spec, calib, target, bits, args, Path(tmp), out_dir, records)
+                    rc = _bench_one(name, weights, model, calib, target, bits, args, Path(tmp), out_dir, records)
                     if rc:
                         return rc
     merged = merge_records(HERE / "results" / "bench_cpu.json", records,

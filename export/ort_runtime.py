@@ -313,25 +313,25 @@ def node_times(onnx_path, *, batch: int, threads: int, input_shape=None, runs: i
     """Where one model's time goes on ORT's CPU provider: ``{"node", "op", "ms"}`` per node of the
     optimized graph (mean kernel time over ``runs`` profiled runs after one warm-up), slowest first.
     Profiling adds a little overhead to every node; compare these numbers with each other."""
+    runs = max(1, runs)
     so = _session_options(threads, optimization)
     so.enable_profiling = True
     with tempfile.TemporaryDirectory(prefix="dfq-profile-") as tmp:
         so.profile_file_prefix = os.path.join(tmp, "ort")
         session = ort.InferenceSession(_model_source(onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
         feed = _latency_feed(session, batch, input_shape, seed=0)
-        for _ in range(1 + max(1, runs)):
+        for _ in range(1 + runs):
             session.run(None, feed)
         with open(session.end_profiling()) as f:
             events = json.load(f)
-    total: dict[str, list] = {}
+    total: dict[str, tuple[str, list[float]]] = {}
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
             node = e["name"][: -len("_kernel_time")]
-            entry = total.setdefault(node, [e.get("args", {}).get("op_name", "?"), [], 0.0])
-            entry[1].append(float(e["dur"]))
+            total.setdefault(node, (e.get("args", {}).get("op_name", "?"), []))[1].append(float(e["dur"]))
     out = []
-    for node, (op, durs, _) in total.items():
-        kept = durs[-max(1, runs):]   # the timed runs, not the warm-up
+    for node, (op, durs) in total.items():
+        kept = durs[-runs:]   # the timed runs, not the warm-up
         out.append({"node": node, "op": op, "ms": sum(kept) / len(kept) / 1e3})
     return sorted(out, key=lambda r: -r["ms"])
 

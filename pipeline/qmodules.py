@@ -167,14 +167,19 @@ class QuantConv2d(nn.Module):
         return _round_ste(bias / step).clamp(-(2**31), 2**31 - 1) * step
 
     def forward(self, x: torch.Tensor, input_scale: torch.Tensor | None = None) -> torch.Tensor:
-        w, b = self.folded()
-        w = self.weight_quantizer(w)
-        b = self.quantized_bias(b, input_scale)
         top, left, bottom, right = self.pads
         if top == bottom and left == right:
-            return F.conv2d(x, w, b, self.stride, (top, left), self.dilation, self.groups)
-        x = F.pad(x, (left, right, top, bottom))
-        return F.conv2d(x, w, b, self.stride, 0, self.dilation, self.groups)
+            return self._conv(x, input_scale, (top, left))
+        return self.forward_padded(F.pad(x, (left, right, top, bottom)), input_scale)
+
+    def forward_padded(self, x: torch.Tensor, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer on an input that already carries its ``pads`` (or is a window of such an input)."""
+        return self._conv(x, input_scale, 0)
+
+    def _conv(self, x: torch.Tensor, input_scale: torch.Tensor | None, padding) -> torch.Tensor:
+        w, b = self.folded()
+        return F.conv2d(x, self.weight_quantizer(w), self.quantized_bias(b, input_scale), self.stride, padding,
+                        self.dilation, self.groups)
 
 
 class QuantLinear(nn.Module):

@@ -165,7 +165,7 @@ class _Windows:
 
     def __init__(self, layer: nn.Module, x_q: torch.Tensor, x_fp: torch.Tensor, y: torch.Tensor, crop: int | None):
         self.layer, self.y = layer, y
-        self.conv = isinstance(layer, QuantConv2d) and crop is not None and y.dim() == 4 and max(y.shape[2:]) > crop
+        self.conv = isinstance(layer, QuantConv2d) and crop is not None and max(y.shape[2:]) > crop
         self.crop = crop
         if self.conv:
             top, left, bottom, right = layer.pads
@@ -186,12 +186,7 @@ class _Windows:
         return xq[window], xf[window], y[:, :, oy:oy + ph, ox:ox + pw]
 
     def forward(self, x: torch.Tensor, in_scale: torch.Tensor | None) -> torch.Tensor:
-        if not self.conv:
-            return self.layer(x, in_scale)
-        layer = self.layer
-        w, b = layer.folded()
-        return F.conv2d(x, layer.weight_quantizer(w), layer.quantized_bias(b, in_scale), layer.stride, 0,
-                        layer.dilation, layer.groups)
+        return self.layer.forward_padded(x, in_scale) if self.conv else self.layer(x, in_scale)
 
 
 def _reconstruct_layer(qmodel: QuantizedModel, fp_model: QuantizedModel, node: fx.Node, images: torch.Tensor,
@@ -250,7 +245,7 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, cfg: ReconstructCo
     qmodel.module.eval()
     for p in qmodel.module.parameters():
         p.requires_grad_(False)
-    fp_model = QuantizedModel(copy.deepcopy(qmodel.module), qmodel.config, dict(qmodel.layer_precision))
+    fp_model = copy.deepcopy(qmodel)
     bar = progress_bar(len(nodes), "reconstruct", unit="layer") if progress else None
     firsts, lasts, flips, sizes = [], [], [], []
     try:
