@@ -84,6 +84,10 @@ class ExportReport:
         if "agreement_float_fakequant" in f:
             lines.append(f"| agreement exported ONNX vs fake-quant model (float) (top-1) | "
                          f"{_pct(f['agreement_float_fakequant'])} |")
+        for name, c in f.get("cross_checks", {}).items():
+            lines.append(f"| agreement on {name} vs {c['reference']} (top-1) | {_pct(c['agreement'])}"
+                         + (f" (vs the float fake-quant model {_pct(c['agreement_float_fakequant'])})"
+                            if "agreement_float_fakequant" in c else "") + " |")
         lines.append(f"| max / mean abs logit diff | {f['max_abs_logit_diff']:.4g} / {f['mean_abs_logit_diff']:.3g} |")
         if "relative_logit_error" in f:
             lines.append(f"| relative logit error | {f['relative_logit_error']:.3g} |")
@@ -118,6 +122,15 @@ class ExportReport:
                      f"on {f['images']} {f['data']} (max |logit diff| {f['max_abs_logit_diff']:.3g})"
                      + (f"; with the float fake-quant model {100 * f['agreement_float_fakequant']:.2f}%"
                         if "agreement_float_fakequant" in f else ""))
+        for name, c in f.get("cross_checks", {}).items():
+            if name != "exact":
+                lines.append(f"[dfq] on {name}: agreement with the {c['reference']}: {100 * c['agreement']:.2f}%"
+                             + (f" (with the float fake-quant model {100 * c['agreement_float_fakequant']:.2f}%)"
+                                if "agreement_float_fakequant" in c else ""))
+                if c["agreement"] < CROSS_CHECK_WARN:
+                    lines.append(f"[dfq] WARNING: on {name} the artifact's answers differ from its reference on "
+                                 f"{100 * (1 - c['agreement']):.2f}% of the images (measured floor: under 0.1%): "
+                                 f"that runtime computes something the reference does not model")
         if "top1_fp" in f:
             lines.append(f"[dfq] top-1: FP {100 * f['top1_fp']:.2f}%  exported {100 * f['top1_int']:.2f}%  "
                          f"(drop {f['top1_drop_points']:.2f} points)")
@@ -128,6 +141,12 @@ class ExportReport:
                 lines.append(_slower_warning(lat, self.quant["target"]))
         lines.append(f"[dfq] report: {self.outputs['report']} and {self.outputs['markdown']} ({self.wall_s:.0f} s)")
         return lines
+
+
+# A cross-check below this agreement with its reference is a console warning, not a failure: the
+# ResNet-20 artifacts agree 99.92% (W4A4) with the OpenVINO reference on 10,000 images; what is left
+# is float32 rounding order, which no reference that is not the runtime itself reproduces.
+CROSS_CHECK_WARN = 0.995
 
 
 def _slower_warning(lat: dict, target: str) -> str:

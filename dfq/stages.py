@@ -26,7 +26,7 @@ from dfq.common import distributed as D
 from dfq.common.errors import EngineNotBuiltError, UnsupportedModelError, UsageError, VerificationError
 from dfq.common.files import StagedOutputs, atomic_write_bytes
 from dfq.common.provenance import command_line, machine_info
-from dfq.export.check import tensor_batches, verify_artifact
+from dfq.export.check import CrossCheck, tensor_batches, verify_artifact
 from dfq.export.onnx_export import ExportedOnnx, build_onnx, float_graph
 from dfq.export.runtimes import Budget, get_runtime
 from dfq.export.targets import Target, get_target
@@ -366,13 +366,20 @@ def verify_stage(run: Run, inputs: Inputs, data: SyntheticData, q: Quantized, ar
         batches, data_name = iterate_images(inputs.val_set, 100, limit=job.val_limit), str(job.val)
     else:
         batches, data_name = tensor_batches(data.holdout, 32), "held-out synthetic images"
-    also_on = {name.replace("-", "_"): get_runtime(name).session(artifact.onnx_tmp, job.threads)
+    also_on = {name.replace("-", "_"): _cross_check(get_runtime(name), q.qmodel, artifact.onnx_tmp, job.threads)
                for name in run.target.cross_check_runtimes if get_runtime(name).status()[0]}
     with run.timed("check"):
         fidelity = verify_artifact(inputs.loaded.model, q.qmodel, artifact.onnx_tmp, run.target, batches,
                                    threads=job.threads, also_on=also_on)
     fidelity["data"] = data_name
     return fidelity
+
+
+def _cross_check(runtime, qmodel: QuantizedModel, path: Path, threads: int) -> CrossCheck:
+    reference = runtime.reference(qmodel)
+    if reference is None:
+        return CrossCheck(runtime.session(path, threads))
+    return CrossCheck(runtime.session(path, threads), reference[0], reference[1])
 
 
 def measure_stage(run: Run, inputs: Inputs, artifact: Artifact) -> list[dict]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -77,10 +77,49 @@ class Tally:
         return out
 
 
+@dataclass
+class CrossCheck:
+    """The artifact on another runtime (``session``), compared with ``reference`` (images -> logits:
+    the fake-quant model as that runtime computes dfq's graphs, see
+    :meth:`dfq.export.runtimes.base.Runtime.reference`) or, where there is none, with the float
+    fake-quant model. Both agreements are kept: the reference one checks the runtime, the
+    fake-quant one says how far its arithmetic moves the answers."""
+
+    session: object
+    reference: Callable[[torch.Tensor], torch.Tensor] | None = None
+    describes: str | None = None        # what the reference is, for the report
+    agree: int = 0
+    agree_fakequant: int = 0
+    correct: int = 0
+    last: np.ndarray | None = None
+
+    def run(self, images: torch.Tensor) -> np.ndarray:
+        feed = {self.session.get_inputs()[0].name: images.numpy().astype(np.float32)}
+        self.last = self.session.run(None, feed)[0]
+        return self.last
+
+    def update(self, images: torch.Tensor, fq: np.ndarray, labels: np.ndarray | None) -> None:
+        out = self.last
+        self.agree_fakequant += int(agrees(out, fq).sum())
+        ref = fq if self.reference is None else self.reference(images).float().numpy()
+        self.agree += int(agrees(out, ref).sum())
+        if labels is not None:
+            self.correct += int((out.argmax(1) == labels).sum())
+
+    def summary(self, n: int, with_labels: bool) -> dict:
+        out = {"agreement": self.agree / max(1, n),
+               "reference": self.describes if self.reference is not None else "fake-quant model (float)"}
+        if self.reference is not None:
+            out["agreement_float_fakequant"] = self.agree_fakequant / max(1, n)
+        if with_labels:
+            out["top1"] = self.correct / max(1, n)
+        return out
+
+
 @torch.no_grad()
 def compare_on_batches(fp_model: torch.nn.Module, fq_model: torch.nn.Module, session,
                        batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]], *,
-                       progress=None, recheck_margin: float = 1.0, extra_sessions: dict | None = None,
+                       progress=None, recheck_margin: float = 1.0, cross_checks: dict | None = None,
                        reference=None) -> dict:
     """Run the FP model, the fake-quant model and the exported ONNX (``session``) on the same
     batches; return agreement (top-1 equal, or numerically tied: :func:`agrees`), logit differences
@@ -99,16 +138,14 @@ def compare_on_batches(fp_model: torch.nn.Module, fq_model: torch.nn.Module, ses
     runtime's integer arithmetic (:class:`dfq.export.ort_reference.OrtIntegerReference`). The float
     fake-quant model is then still run: ``agreement_float_fakequant`` and ``top1_fakequant``.
 
-    ``extra_sessions`` (name -> session) run the same images; their top-1 agreement with the
-    float fake-quant model is reported as ``agreement_<name>`` (and their top-1 as ``top1_<name>``)."""
+    ``cross_checks`` (name -> :class:`CrossCheck`) run the same images on other runtimes: reported
+    as ``agreement_<name>`` (with their own reference where they have one), ``top1_<name>``."""
     fq64 = copy.deepcopy(fq_model).double()
     fp_model.to(memory_format=torch.channels_last)
     fq_model.to(memory_format=torch.channels_last)
     tally = Tally()
     rechecked = 0
-    extra_sessions = extra_sessions or {}
-    extra_agree = {k: 0 for k in extra_sessions}
-    extra_correct = {k: 0 for k in extra_sessions}
+    cross_checks = cross_checks or {}
     with_labels = False
     float_agree = float_correct = 0
     input_name = session.get_inputs()[0].name
@@ -117,11 +154,11 @@ def compare_on_batches(fp_model: torch.nn.Module, fq_model: torch.nn.Module, ses
         fp = fp_model(fast).float().numpy()
         fq = fq_model(fast).float().numpy()
         q = session.run(None, {input_name: images.numpy().astype(np.float32)})[0]
-        extra = {k: s.run(None, {s.get_inputs()[0].name: images.numpy().astype(np.float32)})[0]
-                 for k, s in extra_sessions.items()}
         disagree = ~agrees(q, fq)
-        for e in extra.values():
-            disagree |= ~agrees(e, fq)
+        for c in cross_checks.values():
+            out = c.run(images)
+            if c.reference is None:
+                disagree |= ~agrees(out, fq)
         top2 = np.sort(fq, axis=1)[:, -2:]
         recheck = disagree | (top2[:, 1] - top2[:, 0] < recheck_margin)
         if recheck.any():
@@ -129,9 +166,8 @@ def compare_on_batches(fp_model: torch.nn.Module, fq_model: torch.nn.Module, ses
             fq[recheck] = fq64(images[idx].double()).float().numpy()
             rechecked += int(recheck.sum())
         lab = None if labels is None else labels.numpy()
-        for k, e in extra.items():
-            extra_agree[k] += int(agrees(e, fq).sum())
-            extra_correct[k] += 0 if lab is None else int((e.argmax(1) == lab).sum())
+        for c in cross_checks.values():
+            c.update(images, fq, lab)
         with_labels = with_labels or lab is not None
         if reference is not None:
             float_agree += int(agrees(q, fq).sum())
@@ -151,10 +187,11 @@ def compare_on_batches(fp_model: torch.nn.Module, fq_model: torch.nn.Module, ses
             out["top1_reference"] = out["top1_fakequant"]
             out["top1_fakequant"] = float_correct / max(1, tally.n)
     out["reference_rechecked_float64"] = rechecked
-    for k, v in extra_agree.items():
-        out[f"agreement_{k}"] = v / max(1, tally.n)
-        if with_labels:
-            out[f"top1_{k}"] = extra_correct[k] / max(1, tally.n)
+    out["cross_checks"] = {name: c.summary(tally.n, with_labels) for name, c in cross_checks.items()}
+    for name, c in out["cross_checks"].items():   # flat keys: agreement_<name>, top1_<name>
+        out[f"agreement_{name}"] = c["agreement"]
+        if "top1" in c:
+            out[f"top1_{name}"] = c["top1"]
     return out
 
 
@@ -162,12 +199,13 @@ def verify_artifact(fp_model: torch.nn.Module, qmodel, onnx_path, target, batche
                     also_on: dict | None = None) -> dict:
     """Fidelity of the artifact at ``onnx_path`` to ``qmodel`` (and top-1 of it, the fake-quant model
     and ``fp_model`` where ``batches`` carry labels), run and referenced as ``target`` says
-    (:meth:`dfq.export.targets.Target.verification`). ``also_on`` (name -> session of the same
-    artifact on another runtime) are reported as ``agreement_<name>`` / ``top1_<name>``."""
+    (:meth:`dfq.export.targets.Target.verification`). ``also_on`` (name -> :class:`CrossCheck` of
+    the same artifact on another runtime) are reported as ``agreement_<name>`` / ``top1_<name>``."""
     check = target.verification(qmodel, onnx_path, threads)
-    check.extra_sessions.update(also_on or {})
+    cross = {name: CrossCheck(session) for name, session in check.extra_sessions.items()}
+    cross.update(also_on or {})
     fidelity = compare_on_batches(fp_model.eval(), qmodel.module.eval(), check.session, batches,
-                                  extra_sessions=check.extra_sessions, reference=check.reference)
+                                  cross_checks=cross, reference=check.reference)
     if check.reference_float_nodes is not None:
         fidelity["reference_float_nodes"] = check.reference_float_nodes
     fidelity["runtime"] = check.runtime

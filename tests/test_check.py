@@ -6,7 +6,7 @@ import torch
 from onnx import numpy_helper
 
 import dfq
-from dfq.export.check import TIE_RTOL, agrees, tensor_batches, verify_artifact
+from dfq.export.check import TIE_RTOL, CrossCheck, agrees, compare_on_batches, tensor_batches, verify_artifact
 from dfq.export.onnx_export import export_onnx
 from dfq.pipeline.calibrate import calibrate
 from dfq.pipeline.quantize import quantize
@@ -59,3 +59,35 @@ def test_a_wrong_scale_still_fails_the_check(tmp_path, target):
     # the argmax of this confident model may survive the defect; the logits do not
     assert bad["relative_logit_error"] > MAX_RELATIVE_LOGIT_ERROR
     assert fidelity_problem(bad) is not None
+
+
+class _FixedSession:
+    """A session stand-in that returns fixed logits."""
+
+    def __init__(self, logits: np.ndarray) -> None:
+        self.logits = logits
+
+    def get_inputs(self):
+        return [type("I", (), {"name": "input"})()]
+
+    def run(self, outputs, feed):
+        return [self.logits]
+
+
+def test_a_cross_check_is_compared_with_its_own_reference():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5)).eval()
+    x = torch.randn(6, 3, 2, 2)
+    fq = model(x).detach().numpy()
+    other = fq.copy()
+    other[:, 0] = fq.max(1) + 1.0          # the other runtime answers class 0 everywhere
+    ref = lambda images: torch.from_numpy(other)   # noqa: E731 - its reference knows why
+    checks = {"plain": CrossCheck(_FixedSession(other)),
+              "explained": CrossCheck(_FixedSession(other), ref, "a reference that models it")}
+    out = compare_on_batches(model, model, _FixedSession(fq), [(x, None)], cross_checks=checks)
+    plain, explained = out["cross_checks"]["plain"], out["cross_checks"]["explained"]
+    wrong = float(np.mean(fq.argmax(1) != 0))
+    assert plain["agreement"] == pytest.approx(1 - wrong) and plain["reference"] == "fake-quant model (float)"
+    assert explained["agreement"] == 1.0 and explained["reference"] == "a reference that models it"
+    assert explained["agreement_float_fakequant"] == pytest.approx(1 - wrong)
+    assert out["agreement_explained"] == 1.0 and out["agreement"] == 1.0

@@ -83,6 +83,12 @@ class Runtime:
         (``get_inputs()``, ``run(None, feed)``), or None where the runtime is not a CPU one."""
         return None
 
+    def reference(self, qmodel):
+        """``(images -> logits, description)``: the fake-quant model as this runtime computes dfq's
+        artifacts, where its graph transformations change what the artifact computes; None where
+        it runs the QDQ graph as written (it is then compared with the float fake-quant model)."""
+        return None
+
     def preflight(self, int_path: Path, threads: int, input_shape) -> None:
         """Checks before anything is timed (raise UsageError / BackendUnavailableError)."""
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dfq.export.openvino_reference import OpenVINOReference
 from dfq.export.ort_runtime import LatencyResult
 from dfq.export.runtimes.base import Budget, Runtime, interleaved, make_record
 from dfq.export.tensorrt import onnx_input_shape
@@ -72,6 +73,12 @@ class OpenVINORuntime(Runtime):
         except Exception as exc:  # ImportError, or a wheel that cannot load on this CPU
             return False, (f"OpenVINO is not usable ({type(exc).__name__}: {exc}); install it with "
                            "`pip install 'dfq[openvino]'`")
+
+    def reference(self, qmodel):
+        """OpenVINO fuses residual Adds into the convolution before them and drops that conv
+        output's requantization (:mod:`dfq.export.openvino_reference`, with the measurements)."""
+        ref = OpenVINOReference(qmodel)
+        return (ref, ref.description) if ref.skipped else None
 
     def session(self, path: Path, threads: int) -> OpenVINOSession:
         return OpenVINOSession(path, threads)

@@ -1,0 +1,86 @@
+"""Accuracy against average bits for one model, from the accuracy records (no new runs).
+
+    python benchmarks/frontier.py --model efficientnet_lite0
+
+Reads ``benchmarks/results/accuracy.json`` and draws, for every record of the model that states its
+average bits (``avg_weight_bits``, ``avg_act_bits``: parameter- and MAC-weighted), exported top-1
+against average weight bits, marker by average activation bits, the FP32 top-1 as a line. W8A8
+records without the fields are every layer at 8 bits, so they are drawn at (8, 8). Writes
+``benchmarks/results/<model>.frontier.png`` and ``.md`` (the points as a table).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import write_markdown  # noqa: E402
+
+
+def points(records: list[dict], model: str) -> list[dict]:
+    out = []
+    for r in records:
+        if r.get("model") != model or r.get("exit_code", 0) not in (0, 9):
+            continue
+        w, a = r.get("avg_weight_bits"), r.get("avg_act_bits")
+        if w is None and r.get("bits") == "W8A8":
+            w = a = 8.0
+        if w is None or a is None:
+            continue
+        out.append({"bits": r["bits"], "method": r["method"], "budget": r["budget"], "seed": r.get("seed"),
+                    "options": r.get("options"), "avg_weight_bits": w, "avg_act_bits": a,
+                    "top1_fp": r["top1_fp"], "top1_int": r["top1_int"], "drop_points": r["drop_points"],
+                    "commit": r.get("commit")})
+    return sorted(out, key=lambda p: (p["avg_weight_bits"], p["avg_act_bits"]))
+
+
+def draw(pts: list[dict], model: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.axhline(100 * pts[0]["top1_fp"], color="grey", ls="--", label="FP32")
+    for act, marker in ((8.0, "o"), (None, "s")):
+        sel = [p for p in pts if (p["avg_act_bits"] >= 7.99) == (act is not None)]
+        if sel:
+            ax.scatter([p["avg_weight_bits"] for p in sel], [100 * p["top1_int"] for p in sel], marker=marker,
+                       label="8-bit activations" if act else "activations below 8 bits (MAC-weighted)")
+    for p in pts:
+        tag = f"{p['bits']} {p['method']}" + (f" {p['options']}" if p["options"] else "")
+        ax.annotate(tag, (p["avg_weight_bits"], 100 * p["top1_int"]), fontsize=7, xytext=(4, 2),
+                    textcoords="offset points")
+    ax.set_xlabel("average weight bits (parameter-weighted)")
+    ax.set_ylabel("top-1 of the exported artifact (%)")
+    ax.set_title(f"{model}: accuracy vs average bits (data-free, ONNX Runtime)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="efficientnet_lite0")
+    ap.add_argument("--records", default=str(HERE / "results" / "accuracy.json"))
+    args = ap.parse_args(argv)
+    data = json.loads(Path(args.records).read_text())
+    records = data if isinstance(data, list) else data["records"]
+    pts = points(records, args.model)
+    if not pts:
+        print(f"no accuracy records of {args.model} with average bits", file=sys.stderr)
+        return 1
+    out = HERE / "results" / f"{args.model}.frontier.png"
+    draw(pts, args.model, out)
+    write_markdown(out.with_suffix(".md"), pts, list(pts[0]), f"{args.model}: accuracy vs average bits")
+    print(f"wrote {out} ({len(pts)} points)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
