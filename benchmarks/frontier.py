@@ -51,10 +51,13 @@ def draw(pts: list[dict], model: str, path: Path) -> None:
         if sel:
             ax.scatter([p["avg_weight_bits"] for p in sel], [100 * p["top1_int"] for p in sel], marker=marker,
                        label="8-bit activations" if act else "activations below 8 bits (MAC-weighted)")
+    tags: dict[tuple, list[str]] = {}       # points at the same place share one label
     for p in pts:
         tag = f"{p['bits']} {p['method']}" + (f" {p['options']}" if p["options"] else "")
-        ax.annotate(tag, (p["avg_weight_bits"], 100 * p["top1_int"]), fontsize=7, xytext=(4, 2),
-                    textcoords="offset points")
+        tags.setdefault((p["avg_weight_bits"], 100 * p["top1_int"]), []).append(tag)
+    for xy, names in tags.items():
+        ax.annotate(", ".join(names), xy, fontsize=7, xytext=(4, 2), textcoords="offset points", ha="right"
+                    if xy[0] > 7 else "left")
     ax.set_xlabel("average weight bits (parameter-weighted)")
     ax.set_ylabel("top-1 of the exported artifact (%)")
     ax.set_title(f"{model}: accuracy vs average bits (data-free, ONNX Runtime)")
