@@ -46,11 +46,12 @@ def draw(pts: list[dict], model: str, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.axhline(100 * pts[0]["top1_fp"], color="grey", ls="--", label="FP32")
-    for act, marker in ((8.0, "o"), (None, "s")):
-        sel = [p for p in pts if (p["avg_act_bits"] >= 7.99) == (act is not None)]
+    for eight, marker, label in ((True, "o", "8-bit activations"),
+                                 (False, "s", "activations below 8 bits (MAC-weighted)")):
+        sel = [p for p in pts if (p["avg_act_bits"] >= 7.99) == eight]
         if sel:
             ax.scatter([p["avg_weight_bits"] for p in sel], [100 * p["top1_int"] for p in sel], marker=marker,
-                       label="8-bit activations" if act else "activations below 8 bits (MAC-weighted)")
+                       label=label)
     tags: dict[tuple, list[str]] = {}       # points at the same place share one label
     for p in pts:
         tag = f"{p['bits']} {p['method']}" + (f" {p['options']}" if p["options"] else "")
@@ -72,9 +73,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="efficientnet_lite0")
     ap.add_argument("--records", default=str(HERE / "results" / "accuracy.json"))
     args = ap.parse_args(argv)
-    data = json.loads(Path(args.records).read_text())
-    records = data if isinstance(data, list) else data["records"]
-    pts = points(records, args.model)
+    pts = points(json.loads(Path(args.records).read_text()), args.model)
     if not pts:
         print(f"no accuracy records of {args.model} with average bits", file=sys.stderr)
         return 1

@@ -11,6 +11,11 @@ from dataclasses import asdict, dataclass
 
 SCHEMA = "dfq-export/2"
 
+# A cross-check below this agreement with its reference is a console warning, not a failure: the
+# ResNet-20 artifacts agree 99.82% (W8A8) and 99.92% (W4A4) with the OpenVINO reference on 10,000
+# images; what is left is the runtime's own float32 arithmetic, which no reference reproduces.
+CROSS_CHECK_WARN = 0.995
+
 
 def to_json(record: dict) -> bytes:
     return (json.dumps(record, indent=2, sort_keys=False, default=str) + "\n").encode()
@@ -129,7 +134,7 @@ class ExportReport:
                                 if "agreement_float_fakequant" in c else ""))
                 if c["agreement"] < CROSS_CHECK_WARN:
                     lines.append(f"[dfq] WARNING: on {name} the artifact's answers differ from its reference on "
-                                 f"{100 * (1 - c['agreement']):.2f}% of the images (measured floor: under 0.1%): "
+                                 f"{100 * (1 - c['agreement']):.2f}% of the images (measured on ResNet-20: 0.08-0.18%): "
                                  f"that runtime computes something the reference does not model")
         if "top1_fp" in f:
             lines.append(f"[dfq] top-1: FP {100 * f['top1_fp']:.2f}%  exported {100 * f['top1_int']:.2f}%  "
@@ -141,12 +146,6 @@ class ExportReport:
                 lines.append(_slower_warning(lat, self.quant["target"]))
         lines.append(f"[dfq] report: {self.outputs['report']} and {self.outputs['markdown']} ({self.wall_s:.0f} s)")
         return lines
-
-
-# A cross-check below this agreement with its reference is a console warning, not a failure: the
-# ResNet-20 artifacts agree 99.92% (W4A4) with the OpenVINO reference on 10,000 images; what is left
-# is float32 rounding order, which no reference that is not the runtime itself reproduces.
-CROSS_CHECK_WARN = 0.995
 
 
 def _slower_warning(lat: dict, target: str) -> str:

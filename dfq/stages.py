@@ -376,10 +376,8 @@ def verify_stage(run: Run, inputs: Inputs, data: SyntheticData, q: Quantized, ar
 
 
 def _cross_check(runtime, qmodel: QuantizedModel, path: Path, threads: int) -> CrossCheck:
-    reference = runtime.reference(qmodel)
-    if reference is None:
-        return CrossCheck(runtime.session(path, threads))
-    return CrossCheck(runtime.session(path, threads), reference[0], reference[1])
+    """The artifact on ``runtime``, compared with that runtime's reference where it has one."""
+    return CrossCheck(runtime.session(path, threads), *(runtime.reference(qmodel) or ()))
 
 
 def measure_stage(run: Run, inputs: Inputs, artifact: Artifact) -> list[dict]:

@@ -91,15 +91,13 @@ class CrossCheck:
     agree: int = 0
     agree_fakequant: int = 0
     correct: int = 0
-    last: np.ndarray | None = None
 
     def run(self, images: torch.Tensor) -> np.ndarray:
         feed = {self.session.get_inputs()[0].name: images.numpy().astype(np.float32)}
-        self.last = self.session.run(None, feed)[0]
-        return self.last
+        return self.session.run(None, feed)[0]
 
-    def update(self, images: torch.Tensor, fq: np.ndarray, labels: np.ndarray | None) -> None:
-        out = self.last
+    def update(self, images: torch.Tensor, out: np.ndarray, fq: np.ndarray, labels: np.ndarray | None) -> None:
+        """Count one batch: ``out`` is :meth:`run` on ``images``, ``fq`` the fake-quant logits."""
         self.agree_fakequant += int(agrees(out, fq).sum())
         ref = fq if self.reference is None else self.reference(images).float().numpy()
         self.agree += int(agrees(out, ref).sum())
@@ -155,10 +153,10 @@ def compare_on_batches(fp_model: torch.nn.Module, fq_model: torch.nn.Module, ses
         fq = fq_model(fast).float().numpy()
         q = session.run(None, {input_name: images.numpy().astype(np.float32)})[0]
         disagree = ~agrees(q, fq)
-        for c in cross_checks.values():
-            out = c.run(images)
+        cross = {name: c.run(images) for name, c in cross_checks.items()}
+        for name, c in cross_checks.items():
             if c.reference is None:
-                disagree |= ~agrees(out, fq)
+                disagree |= ~agrees(cross[name], fq)
         top2 = np.sort(fq, axis=1)[:, -2:]
         recheck = disagree | (top2[:, 1] - top2[:, 0] < recheck_margin)
         if recheck.any():
@@ -166,8 +164,8 @@ def compare_on_batches(fp_model: torch.nn.Module, fq_model: torch.nn.Module, ses
             fq[recheck] = fq64(images[idx].double()).float().numpy()
             rechecked += int(recheck.sum())
         lab = None if labels is None else labels.numpy()
-        for c in cross_checks.values():
-            c.update(images, fq, lab)
+        for name, c in cross_checks.items():
+            c.update(images, cross[name], fq, lab)
         with_labels = with_labels or lab is not None
         if reference is not None:
             float_agree += int(agrees(q, fq).sum())

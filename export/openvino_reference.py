@@ -6,7 +6,7 @@ a residual ``Add`` fed by a convolution becomes a post-op of that convolution, a
 requantization of the convolution's output in front of the Add (the artifact's Q/DQ pair) is
 dropped: the Add sums the convolution's float output. The other requantizations are kept.
 
-Measured on the ResNet-20 artifacts (2,000 CIFAR-10 test images, 2 threads, OpenVINO 2026.x):
+Measured on the ResNet-20 artifacts (2,000 CIFAR-10 test images, 1 thread, OpenVINO 2026.x):
 
 * artifact as exported: OpenVINO and ONNX Runtime agree on 98.6% of top-1 answers at W8A8 and
   92.6% at W4A4;
@@ -16,8 +16,8 @@ Measured on the ResNet-20 artifacts (2,000 CIFAR-10 test images, 2 threads, Open
   OpenVINO on the artifact, at both precisions.
 
 So the reference is the float fake-quant model with exactly those quantizers switched off (a copy;
-the model itself is untouched). What remains is float32 requantization order (OpenVINO multiplies
-by precomputed reciprocals), which moves a code near a rounding tie now and then.
+the model itself is untouched). What remains is OpenVINO's own float32 arithmetic, which moves a
+code near a rounding tie now and then (evaluating this reference in float64 does not reduce it).
 """
 from __future__ import annotations
 
