@@ -28,7 +28,7 @@ def records(report: dict, model: str) -> list[dict]:
     f = report["fidelity"]
     out = []
     for name, c in f.get("cross_checks", {}).items():
-        if name == "exact":
+        if c.get("diagnostic"):
             continue
         out.append({"kind": "fidelity", "backend": name, "model": model, "bits": report["quant"]["name"],
                     "target": report["quant"]["target"], "method": report["job"].get("method"),

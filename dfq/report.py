@@ -128,7 +128,7 @@ class ExportReport:
                      + (f"; with the float fake-quant model {100 * f['agreement_float_fakequant']:.2f}%"
                         if "agreement_float_fakequant" in f else ""))
         for name, c in f.get("cross_checks", {}).items():
-            if name != "exact":
+            if not c.get("diagnostic"):
                 lines.append(f"[dfq] on {name}: agreement with the {c['reference']}: {100 * c['agreement']:.2f}%"
                              + (f" (with the float fake-quant model {100 * c['agreement_float_fakequant']:.2f}%)"
                                 if "agreement_float_fakequant" in c else ""))

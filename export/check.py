@@ -88,6 +88,7 @@ class CrossCheck:
     session: object
     reference: Callable[[torch.Tensor], torch.Tensor] | None = None
     describes: str | None = None        # what the reference is, for the report
+    diagnostic: bool = False            # a variant of the checking runtime (report only), not a deployment runtime
     agree: int = 0
     agree_fakequant: int = 0
     correct: int = 0
@@ -111,6 +112,8 @@ class CrossCheck:
             out["agreement_float_fakequant"] = self.agree_fakequant / max(1, n)
         if with_labels:
             out["top1"] = self.correct / max(1, n)
+        if self.diagnostic:
+            out["diagnostic"] = True
         return out
 
 
@@ -200,7 +203,7 @@ def verify_artifact(fp_model: torch.nn.Module, qmodel, onnx_path, target, batche
     (:meth:`dfq.export.targets.Target.verification`). ``also_on`` (name -> :class:`CrossCheck` of
     the same artifact on another runtime) are reported as ``agreement_<name>`` / ``top1_<name>``."""
     check = target.verification(qmodel, onnx_path, threads)
-    cross = {name: CrossCheck(session) for name, session in check.extra_sessions.items()}
+    cross = {name: CrossCheck(session, diagnostic=True) for name, session in check.extra_sessions.items()}
     cross.update(also_on or {})
     fidelity = compare_on_batches(fp_model.eval(), qmodel.module.eval(), check.session, batches,
                                   cross_checks=cross, reference=check.reference)

@@ -27,7 +27,7 @@ import torch
 from torch import fx
 
 from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear
-from dfq.pipeline.quantize import QuantizedModel, is_add
+from dfq.pipeline.quantize import QuantizedModel, is_add, module_of
 
 DESCRIPTION = ("fake-quant model without the requantization of conv outputs that OpenVINO fuses into "
                "residual Adds ({n} quantizers)")
@@ -38,12 +38,9 @@ def fused_add_quantizers(qmodel: QuantizedModel) -> list[str]:
     gm: fx.GraphModule = qmodel.module
     names = []
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(gm.get_submodule(str(node.target)), ActQuantizer):
+        if not isinstance(module_of(gm, node), ActQuantizer):
             continue
-        src = node.args[0]
-        if not (isinstance(src, fx.Node) and src.op == "call_module"):
-            continue
-        if isinstance(gm.get_submodule(str(src.target)), (QuantConv2d, QuantLinear)) and node.users \
+        if isinstance(module_of(gm, node.args[0]), (QuantConv2d, QuantLinear)) and node.users \
                 and all(is_add(u) for u in node.users):
             names.append(str(node.target))
     return names

@@ -135,8 +135,9 @@ class QuantConfig:
 # graph helpers
 
 
-def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    if node.op == "call_module":
+def module_of(gm: fx.GraphModule, node) -> nn.Module | None:
+    """The module a ``call_module`` node runs (None for other nodes and non-node arguments)."""
+    if isinstance(node, fx.Node) and node.op == "call_module":
         return gm.get_submodule(str(node.target))
     return None
 
@@ -148,7 +149,7 @@ def _is_tensor(node) -> bool:
 def is_clip_activation(gm: fx.GraphModule, node: fx.Node) -> float | None:
     """Upper bound of a ReLU-like activation whose output is >= 0 (inf for ReLU, 6 for ReLU6),
     None if the node is not one."""
-    m = _module(gm, node)
+    m = module_of(gm, node)
     if isinstance(m, nn.ReLU) or (node.op == "call_function" and node.target in (F.relu, torch.relu)):
         return float("inf")
     if isinstance(m, nn.ReLU6) or (node.op == "call_function" and node.target is F.relu6):
@@ -167,7 +168,7 @@ def is_clip_activation(gm: fx.GraphModule, node: fx.Node) -> float | None:
 def is_passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Ops whose output stays on the input's quantization grid with the same scale: max-pool,
     zero padding, slicing, flatten/reshape, dropout/identity."""
-    m = _module(gm, node)
+    m = module_of(gm, node)
     if m is not None:
         if isinstance(m, (nn.MaxPool2d, nn.Dropout, nn.Identity, nn.Flatten)):
             return True
@@ -199,21 +200,21 @@ def is_nonnegative(gm: fx.GraphModule, node: fx.Node, _memo: dict | None = None)
         return memo[node]
     if is_clip_activation(gm, node) is not None:
         result = True
-    elif isinstance(_module(gm, node), ActQuantizer):
-        result = not _module(gm, node).signed
+    elif isinstance(module_of(gm, node), ActQuantizer):
+        result = not module_of(gm, node).signed
     elif is_passthrough(gm, node) or _is_pool(gm, node):
         result = is_nonnegative(gm, node.args[0], memo)
     elif is_add(node):
         result = all(is_nonnegative(gm, a, memo) for a in node.args[:2])
     else:
-        m = _module(gm, node)
+        m = module_of(gm, node)
         result = isinstance(m, nn.Sigmoid) or (node.op == "call_function" and node.target in (torch.sigmoid, F.sigmoid))
     memo[node] = result
     return result
 
 
 def _is_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
-    m = _module(gm, node)
+    m = module_of(gm, node)
     if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)):
         return True
     return node.op == "call_function" and node.target in (F.adaptive_avg_pool2d, F.avg_pool2d)
@@ -242,11 +243,11 @@ def source_of(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
 
 def _fold_batchnorms(gm: fx.GraphModule) -> None:
     for node in list(gm.graph.nodes):
-        bn = _module(gm, node)
+        bn = module_of(gm, node)
         if not isinstance(bn, nn.BatchNorm2d):
             continue
         prev = node.args[0]
-        conv = _module(gm, prev) if isinstance(prev, fx.Node) else None
+        conv = module_of(gm, prev)
         if not isinstance(conv, nn.Conv2d) or len(prev.users) != 1:
             raise UnsupportedModelError(
                 f"BatchNorm '{node.target}' does not directly follow a Conv2d (it follows "
@@ -265,13 +266,13 @@ def _merge_pads(gm: fx.GraphModule) -> None:
     """A zero ZeroPad2d / F.pad (last two dims only) whose only user is a QuantConv2d becomes
     part of the conv's padding."""
     for node in list(gm.graph.nodes):
-        conv = _module(gm, node)
+        conv = module_of(gm, node)
         if not isinstance(conv, QuantConv2d):
             continue
         pad_node = node.args[0]
         if not isinstance(pad_node, fx.Node) or len(pad_node.users) != 1:
             continue
-        m = _module(gm, pad_node)
+        m = module_of(gm, pad_node)
         if isinstance(m, nn.ZeroPad2d):
             left, right, top, bottom = m.padding
         elif pad_node.op == "call_function" and pad_node.target is F.pad and is_passthrough(gm, pad_node):
@@ -293,7 +294,7 @@ def _merge_pads(gm: fx.GraphModule) -> None:
 
 def _replace_layers(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
-        m = _module(gm, node)
+        m = module_of(gm, node)
         if isinstance(m, nn.Conv2d):
             _set_module(gm, str(node.target), QuantConv2d(m, None, bits=8))
         elif isinstance(m, nn.Linear):
@@ -317,7 +318,7 @@ def _delete_module(gm: fx.GraphModule, name: str) -> None:
 
 
 def layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if isinstance(_module(gm, n), (QuantConv2d, QuantLinear))]
+    return [n for n in gm.graph.nodes if isinstance(module_of(gm, n), (QuantConv2d, QuantLinear))]
 
 
 LAYER_ALIASES = ("@first", "@last")
@@ -339,8 +340,8 @@ def unmatched_patterns(patterns, names) -> list[str]:
 def first_and_last(gm: fx.GraphModule) -> dict[str, str | None]:
     """``@first`` (the first conv) and ``@last`` (the last linear, else the last layer) by module name."""
     layers = layer_nodes(gm)
-    convs = [n for n in layers if isinstance(_module(gm, n), QuantConv2d)]
-    linears = [n for n in layers if isinstance(_module(gm, n), QuantLinear)]
+    convs = [n for n in layers if isinstance(module_of(gm, n), QuantConv2d)]
+    linears = [n for n in layers if isinstance(module_of(gm, n), QuantLinear)]
     return {"@first": str(convs[0].target) if convs else None,
             "@last": str(linears[-1].target) if linears else (str(layers[-1].target) if layers else None)}
 
@@ -390,7 +391,7 @@ def quant_requirements(gm: fx.GraphModule, layers: dict[str, Precision], config:
         table[src] = max(table.get(src, 0), bits)
 
     for node in gm.graph.nodes:
-        m = _module(gm, node)
+        m = module_of(gm, node)
         if isinstance(m, (QuantConv2d, QuantLinear)):
             require(layer_need, node.args[0], layers[str(node.target)].activations)
         if is_add(node):
@@ -423,7 +424,7 @@ def _insert_act_quantizers(gm: fx.GraphModule, need: dict[fx.Node, int], config:
 def input_quantizer_of(gm: fx.GraphModule, layer: fx.Node) -> fx.Node | None:
     """The ActQuantizer node that quantizes a layer's activation input (through pass-through ops)."""
     src = source_of(gm, layer.args[0])
-    return src if isinstance(_module(gm, src), ActQuantizer) else None
+    return src if isinstance(module_of(gm, src), ActQuantizer) else None
 
 
 def _link_bias_scales(gm: fx.GraphModule, config: QuantConfig) -> None:
@@ -433,7 +434,7 @@ def _link_bias_scales(gm: fx.GraphModule, config: QuantConfig) -> None:
     if not config.scheme.int32_bias:
         return
     for node in layer_nodes(gm):
-        m = _module(gm, node)
+        m = module_of(gm, node)
         if not isinstance(m, (QuantConv2d, QuantLinear)):
             continue
         aq = input_quantizer_of(gm, node)
@@ -541,6 +542,6 @@ def _actual_precision(gm: fx.GraphModule) -> dict[str, Precision]:
     out = {}
     for node in layer_nodes(gm):
         aq = input_quantizer_of(gm, node)
-        w = _module(gm, node).weight_quantizer.bits
-        out[str(node.target)] = Precision(w, _module(gm, aq).bits if aq is not None else 8)
+        w = module_of(gm, node).weight_quantizer.bits
+        out[str(node.target)] = Precision(w, module_of(gm, aq).bits if aq is not None else 8)
     return out

@@ -37,7 +37,7 @@ def _fake_shared(root: Path) -> None:
 
 def test_readme_starts_with_the_main_job_and_the_test_command():
     main_job, tests = readme_commands()[:2]
-    assert main_job.startswith("python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/dfq-export ")
+    assert main_job.startswith("python3 -m venv .venv && .venv/bin/pip install -e '.[openvino]' && .venv/bin/dfq-export ")
     assert tests == "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/python -m pytest -q"
     ci = (REPO / ".ci/run").read_text()
     assert "install --quiet -e '.[test]'" in ci and '-m pytest -q' in ci

@@ -36,8 +36,8 @@ from dfq.pipeline.quantize import QuantConfig, QuantizedModel
 class Verification:
     """How an artifact is checked: ``session`` runs it; ``reference`` (images -> logits) is the
     fake-quant model in that runtime's arithmetic (None: the float fake-quant model, with float64
-    re-checks near ties); ``extra_sessions`` run the same images and report their agreement with the
-    float fake-quant model; ``runtime`` says all that in the report."""
+    re-checks near ties); ``extra_sessions`` (variants of the checking runtime, diagnostics) run the
+    same images and report their agreement with the float fake-quant model; ``runtime`` says all that in the report."""
 
     session: ort.InferenceSession
     runtime: str
