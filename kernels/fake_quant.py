@@ -67,6 +67,10 @@ class QuantScheme:
     * ``quantize_outputs``: every conv and residual-Add output is quantized (runtimes that fuse
       DQ -> op -> Q into one integer kernel need the Q).
     * ``int32_bias``: conv/linear biases are rounded to the int32 grid ``s_in * s_w``.
+    * ``integer_gating``: sigmoid gates (SiLU's ``x * sigmoid(x)``, squeeze-excitation's
+      ``x * sigmoid(s)``) read and write quantized tensors: the sigmoid output (8 bits on [0, 1])
+      and the product are quantized, so that DQ -> Sigmoid -> Q and DQ -> Mul -> Q fuse into
+      integer kernels (ONNX Runtime's QLinearSigmoid, a table lookup, and QLinearMul).
     """
 
     name: str
@@ -74,6 +78,7 @@ class QuantScheme:
     reduce_range: bool = False
     quantize_outputs: bool = False
     int32_bias: bool = False
+    integer_gating: bool = False
 
     def activation_grid(self, bits: int, signed: bool) -> Grid:
         """Per-tensor activation grid of ``bits`` (8 or 4), signed or not."""

@@ -7,7 +7,8 @@ Steps (on a deep copy traced with ``torch.fx``):
 2. Conv2d / Linear replaced by ``QuantConv2d`` / ``QuantLinear`` with per-channel weight
    quantizers; the layer policy sets each layer's bits (default: first conv and last linear at
    8 bits, stated in the report).
-3. Activation quantizers inserted where the target needs a quantized tensor
+3. Activation quantizers inserted where the target needs a quantized tensor (for schemes with
+   ``integer_gating`` after SiLU is rewritten as ``x * sigmoid(x)``)
    (:func:`quant_requirements`). A quantizer sits on the *source* tensor: ops that keep values
    on the grid (max-pool, zero pad, slicing, flatten, dropout) pass the quantized tensor on
    unchanged, and the exporter repeats the same Q/DQ after them.
@@ -192,6 +193,36 @@ def is_add(node: fx.Node) -> bool:
             and len(node.args) >= 2 and all(_is_tensor(a) for a in node.args[:2]))
 
 
+def is_sigmoid(gm: fx.GraphModule, node) -> bool:
+    """A sigmoid or hard sigmoid: output in [0, 1]."""
+    return isinstance(node, fx.Node) and (isinstance(module_of(gm, node), (nn.Sigmoid, nn.Hardsigmoid)) or (
+        node.op == "call_function" and node.target in (torch.sigmoid, F.sigmoid, F.hardsigmoid)))
+
+
+def is_sigmoid_gate(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A product ``x * sigmoid(...)`` of two tensors (SiLU once decomposed, squeeze-excitation with a
+    sigmoid or hard-sigmoid gate)."""
+    return (node.op == "call_function" and node.target in (operator.mul, torch.mul) and len(node.args) >= 2
+            and all(_is_tensor(a) for a in node.args[:2])
+            and any(is_sigmoid(gm, source_of(gm, a)) for a in node.args[:2]))
+
+
+def _decompose_silu(gm: fx.GraphModule) -> None:
+    """SiLU modules and calls become ``x * sigmoid(x)``, so that the sigmoid's output can be
+    quantized (schemes with ``integer_gating``)."""
+    for node in list(gm.graph.nodes):
+        if not (isinstance(module_of(gm, node), nn.SiLU) or (node.op == "call_function" and node.target is F.silu)):
+            continue
+        x = node.args[0]
+        with gm.graph.inserting_after(node):
+            sig = gm.graph.call_function(torch.sigmoid, (x,))
+        with gm.graph.inserting_after(sig):
+            mul = gm.graph.call_function(operator.mul, (x, sig))
+        node.replace_all_uses_with(mul)
+        gm.graph.erase_node(node)
+    gm.delete_all_unused_submodules()
+
+
 def is_nonnegative(gm: fx.GraphModule, node: fx.Node, _memo: dict | None = None) -> bool:
     """Whether a tensor is provably >= 0 (after ReLU-like ops, through pooling and pass-through
     ops, sums of non-negative tensors). Decides unsigned vs signed activation grids."""
@@ -207,8 +238,7 @@ def is_nonnegative(gm: fx.GraphModule, node: fx.Node, _memo: dict | None = None)
     elif is_add(node):
         result = all(is_nonnegative(gm, a, memo) for a in node.args[:2])
     else:
-        m = module_of(gm, node)
-        result = isinstance(m, nn.Sigmoid) or (node.op == "call_function" and node.target in (torch.sigmoid, F.sigmoid))
+        result = is_sigmoid(gm, node)
     memo[node] = result
     return result
 
@@ -221,7 +251,10 @@ def _is_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def upper_bound(gm: fx.GraphModule, node: fx.Node) -> float | None:
-    """A finite upper bound of the tensor (6 for ReLU6 and what passes it on), else None."""
+    """A finite upper bound of the tensor (6 for ReLU6, 1 for a sigmoid, and what passes them on),
+    else None."""
+    if is_sigmoid(gm, node):
+        return 1.0
     b = is_clip_activation(gm, node)
     if b is not None:
         return b if b != float("inf") else None
@@ -403,6 +436,9 @@ def quant_requirements(gm: fx.GraphModule, layers: dict[str, Precision], config:
             if len(users) == 1 and is_clip_activation(gm, users[0]) is not None:
                 out = users[0]
             require(other_need, out, residual)
+        if config.scheme.integer_gating and is_sigmoid_gate(gm, node):
+            for t in (*node.args[:2], node):
+                require(other_need, t, 8)
     # a tensor a layer reads is quantized for that layer, whatever else reads it
     return {src: layer_need.get(src, other_need.get(src)) for src in order}
 
@@ -513,6 +549,8 @@ def quantize(model: nn.Module, config: QuantConfig, example_input: torch.Tensor)
     scales are set here (clip search); activation scales are set by :func:`calibrate`.
     """
     gm = trace(copy.deepcopy(model).eval())
+    if config.scheme.integer_gating:
+        _decompose_silu(gm)
     ShapeProp(gm).propagate(example_input)
     _fold_batchnorms(gm)
     _replace_layers(gm)

@@ -92,3 +92,39 @@ def test_reference_on_resnet20(shared_dir):
     ref = OrtIntegerReference(qm)
     assert ref.float_nodes == []
     np.testing.assert_allclose(ref(x).numpy(), _ort(ex.qdq, x), rtol=0, atol=1e-4)
+
+
+class _TinySiLUNet(torch.nn.Module):
+    """The gating of EfficientNet-B0's blocks: SiLU activations and a squeeze-excitation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.SiLU())
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1, groups=16), nn.BatchNorm2d(16), nn.SiLU())
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 4, 1), nn.SiLU(), nn.Conv2d(4, 16, 1),
+                                nn.Sigmoid())
+        self.project = nn.Sequential(nn.Conv2d(16, 24, 1), nn.BatchNorm2d(24))
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = self.dw(self.stem(x))
+        x = self.project(x * self.se(x))
+        return self.head(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_sigmoid_gates_run_on_ort_integer_kernels_and_the_reference_matches_them(tmp_path):
+    from tests.tiny import randomize_bn
+
+    torch.manual_seed(0)
+    qm = quantize(randomize_bn(_TinySiLUNet()), qconfig(bits=8, target="onnxruntime"), tiny_images(2))
+    calibrate(qm, tiny_images(96, seed=4))
+    ex = build_onnx(qm)
+    ops = _optimized_ops(ex.qdq, tmp_path)
+    # three SiLUs and the squeeze-excitation's gate: integer sigmoid (table) and integer products
+    assert ops["QLinearSigmoid"] == 4 and ops["QLinearMul"] == 4, ops
+    assert ops["Sigmoid"] == 0 and ops["Mul"] == 0 and ops["DequantizeLinear"] == 0, ops
+    ref = OrtIntegerReference(qm)
+    assert ref.float_nodes == []
+    x = tiny_images(400, seed=11)
+    np.testing.assert_allclose(ref(x).numpy(), _ort(ex.qdq, x), rtol=0, atol=1e-4)

@@ -33,7 +33,7 @@ class OnnxRuntimeTarget(Target):
     name = "onnxruntime"
     summary = "UINT8/INT8 QDQ with quantized layer outputs: ONNX Runtime's fused integer kernels (CPU)"
     scheme = QuantScheme("onnxruntime", unsigned_8bit_max=255, reduce_range=True, quantize_outputs=True,
-                         int32_bias=True)
+                         int32_bias=True, integer_gating=True)
     qdq = QDQFormat(uint8_activations=True, clip_on_codes=True, relu6_as_relu=True)
 
     def rewrite(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, list[str]]]:
