@@ -75,6 +75,9 @@ class ExportJob:
             self.target = engine_target().name if self.engine_path is not None else DEFAULT_TARGET
         if self.target not in target_names():
             raise UsageError(f"--target {self.target!r} is unknown: use one of {', '.join(target_names())}.")
+        missing = get_target(self.target).unavailable()
+        if missing is not None:
+            raise UsageError(f"--target {self.target} verifies its artifact on a runtime that is not usable here: {missing}")
         if self.engine_path is not None and not get_target(self.target).builds_engines:
             raise UsageError(f"--out {self.out} asks for a TensorRT engine, but --target {self.target} makes an ONNX that "
                              f"TensorRT cannot build. Drop --target (an engine output selects the {engine_target().name} "

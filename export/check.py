@@ -180,8 +180,8 @@ def compare_on_batches(fp_model: torch.nn.Module, fq_model: torch.nn.Module, ses
         if progress is not None:
             progress.update(len(images))
     out = tally.summary(with_labels)
-    out["reference"] = ("fake-quant model in the runtime's integer arithmetic" if reference is not None
-                        else "fake-quant model (float)")
+    out["reference"] = (getattr(reference, "description", "fake-quant model in the runtime's integer arithmetic")
+                        if reference is not None else "fake-quant model (float)")
     if reference is not None:
         out["agreement_float_fakequant"] = float_agree / max(1, tally.n)
         if with_labels:

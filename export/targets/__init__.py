@@ -1,4 +1,5 @@
-"""The export targets by name: ``get_target("onnxruntime")``, ``get_target("tensorrt")``.
+"""The export targets by name: ``get_target("onnxruntime")``, ``get_target("tensorrt")``,
+``get_target("openvino")``.
 
 Everything that differs between targets lives in their :class:`~dfq.export.targets.base.Target`
 objects; no other code compares target names. A new target is a module with a ``Target`` subclass
@@ -7,7 +8,7 @@ and one :func:`register` call.
 from __future__ import annotations
 
 from dfq.common.registry import Registry
-from dfq.export.targets import onnxruntime, tensorrt
+from dfq.export.targets import onnxruntime, openvino, tensorrt
 from dfq.export.targets.base import Target, Verification
 
 TARGETS: Registry[Target] = Registry(
@@ -22,5 +23,6 @@ def engine_target() -> Target:
 
 register(onnxruntime.TARGET)
 register(tensorrt.TARGET)
+register(openvino.TARGET)
 
 __all__ = ["Target", "Verification", "register", "unregister", "get_target", "target_names", "engine_target"]

@@ -71,6 +71,10 @@ class Target:
         """The ways ``model`` breaks this runtime's rules for Q/DQ graphs (empty: none)."""
         return []
 
+    def unavailable(self) -> str | None:
+        """Why this target cannot verify its artifacts here (a runtime it needs is missing), or None."""
+        return None
+
     def verification(self, qmodel: QuantizedModel, onnx_path: Path, threads: int) -> Verification:
         raise NotImplementedError
 
