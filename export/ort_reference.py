@@ -40,6 +40,7 @@ from dfq.pipeline.quantize import (
     input_quantizer_of,
     is_add,
     is_clip_activation,
+    module_of,
     source_of,
 )
 
@@ -73,7 +74,7 @@ class _Plan:
                 pass   # float64, see the module docstring
 
     def module_of(self, node: fx.Node):
-        return self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        return module_of(self.gm, node)
 
     quantizer = module_of   # of an ActQuantizer node
 
