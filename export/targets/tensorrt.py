@@ -8,8 +8,8 @@ before the Q (TensorRT fuses them into the producing kernel). The static rules a
 
 Verification runs what an INT8 engine computes: integer convolutions accumulated exactly and scaled
 once (:func:`dfq.export.exact.exact_integer_graph` rewrites the artifact read back from disk so
-that ONNX Runtime's float kernels do exactly that), against the float fake-quant model, with
-images near a rounding tie re-checked in float64. ORT's fused x86 kernels would add their own int16
+that ONNX Runtime's float kernels do exactly that), against the fake-quant model in that same
+arithmetic (:class:`~dfq.export.exact_reference.ExactIntegerReference`). ORT's fused x86 kernels would add their own int16
 saturation for full-range weights, and its unfused float path rounds every product.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 import onnx
 
 from dfq.export.exact import exact_integer_graph
+from dfq.export.exact_reference import ExactIntegerReference
 from dfq.export.ort_runtime import make_session
 from dfq.export.qdq import QDQFormat
 from dfq.export.rules import tensorrt_violations
@@ -41,7 +42,8 @@ class TensorRTTarget(Target):
     def verification(self, qmodel: QuantizedModel, onnx_path: Path, threads: int) -> Verification:
         exact = make_session(exact_integer_graph(onnx.load(str(onnx_path))), threads=threads, optimization="disable")
         return Verification(session=exact, runtime=("onnxruntime, integer-exact evaluation of the QDQ graph (int32 "
-                                                     "accumulation as in TensorRT)"))
+                                                     "accumulation as in TensorRT)"),
+                            reference=ExactIntegerReference(qmodel))
 
 
 TARGET = TensorRTTarget()
