@@ -1,6 +1,8 @@
 """Tiny seeded models shared by the tests (CPU, milliseconds per forward)."""
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import torch
 from torch import nn
 
@@ -77,3 +79,16 @@ def qconfig(target: str = "onnxruntime", **fields):
     from dfq.export.targets import get_target
 
     return get_target(target).quant_config(**fields)
+
+
+def with_wrong_block_scale(model, factor: float = 1.05):
+    """A copy of an exported ONNX whose first activation scale inside the residual block is
+    ``factor`` times too large (the defect a fidelity reference must see)."""
+    bad = onnx.ModelProto()
+    bad.CopyFrom(model)
+    for t in bad.graph.initializer:
+        if t.name.endswith(".q_scale") and "block" in t.name:
+            arr = onnx.numpy_helper.to_array(t) * np.float32(factor)
+            t.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), t.name))
+            return bad
+    raise AssertionError("no activation scale in the block")

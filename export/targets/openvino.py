@@ -15,22 +15,22 @@ OpenVINO must be installed (``pip install 'dfq[openvino]'``).
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from dfq.export.openvino_reference import OpenVINOReference
-from dfq.export.qdq import QDQFormat
 from dfq.export.runtimes import get_runtime
 from dfq.export.targets.base import Target, Verification
-from dfq.kernels.fake_quant import QuantScheme
+from dfq.export.targets.onnxruntime import TARGET as ONNXRUNTIME
 from dfq.pipeline.quantize import QuantizedModel
 
 
 class OpenVINOTarget(Target):
     name = "openvino"
     summary = "UINT8/INT8 QDQ with float sigmoid gates, verified on OpenVINO's CPU plugin (Intel CPUs)"
-    scheme = QuantScheme("openvino", unsigned_8bit_max=255, reduce_range=True, quantize_outputs=True,
-                         int32_bias=True)
-    qdq = QDQFormat(uint8_activations=True, clip_on_codes=True, relu6_as_relu=True)
+    # the onnxruntime flavour's grids and Q/DQ layout, without its integer sigmoid gates
+    scheme = replace(ONNXRUNTIME.scheme, name="openvino", integer_gating=False)
+    qdq = ONNXRUNTIME.qdq
     latency_backends = ("openvino", "onnxruntime-cpu")
     cross_check_runtimes = ()
     deploys_on = ("openvino",)
