@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from dfq.export.integer_layers import ExactAccumulator, weight_codes
 from dfq.kernels.fake_quant import Grid, quantize_to_int
 from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear
 from dfq.pipeline.quantize import (
@@ -43,9 +44,6 @@ from dfq.pipeline.quantize import (
     module_of,
     source_of,
 )
-
-_F32_EXACT = 2 ** 24   # integers below this are exact in float32, and so are sums that stay below it
-
 
 def _zero_point(grid: Grid) -> int:
     """ORT's UINT8 zero point for a grid (see dfq.export.qdq.QDQFormat.container)."""
@@ -145,7 +143,7 @@ class OrtIntegerReference(fx.Interpreter):
         super().__init__(qmodel.module)
         self.plan = _Plan(qmodel)
         self.codes: dict[fx.Node, torch.Tensor] = {}
-        self._exact_ok: dict[fx.Node, bool] = {}
+        self.accumulator = ExactAccumulator()
 
     @property
     def float_nodes(self) -> list[str]:
@@ -206,38 +204,11 @@ class OrtIntegerReference(fx.Interpreter):
     def _conv(self, n: fx.Node, m: QuantConv2d, q: ActQuantizer) -> torch.Tensor:
         """float32 ``float(acc + b_q) * M``, before rounding."""
         xq, s_x, qx = self._input_codes(n.args[0])
-        w, b = (t.detach().float() for t in m.folded())
-        wq_mod = m.weight_quantizer
-        s_w = wq_mod.scale.detach().float().clamp(min=1e-12)
-        shape = [-1] + [1] * (w.dim() - 1)
-        wq = quantize_to_int(w, s_w.reshape(shape), wq_mod.grid)
+        wq, s_w, b = weight_codes(m)
         step = s_x * s_w
-        bq = torch.clamp(torch.round(b / step), -(2 ** 31), 2 ** 31 - 1).reshape(1, -1, 1, 1)
-        top, left, bottom, right = m.pads
-        if (top, left) != (bottom, right):
-            xq = F.pad(xq, (left, right, top, bottom))
-            padding = (0, 0)
-        else:
-            padding = (top, left)
-        # Every partial sum of the convolution is bounded by max|x_q| * max_c sum|w_q[c]|; below
-        # 2**24 a direct float32 convolution of integers is exact whatever its summation order,
-        # and so is adding the int32 bias (what ORT adds before converting to float).
-        x_max = max(abs(qx.grid.qmin), abs(qx.grid.qmax))
-        bound = x_max * float(wq.abs().flatten(1).sum(1).max())
-        if bound + float(bq.abs().max()) < _F32_EXACT and self._direct_conv_exact(n, xq, wq, m, padding):
-            acc = F.conv2d(xq, wq, None, m.stride, padding, m.dilation, m.groups).add_(bq)
-        else:
-            acc = (F.conv2d(xq.double(), wq.double(), None, m.stride, padding, m.dilation, m.groups)
-                   + bq.double()).float()
+        bq = torch.clamp(torch.round(b / step), -(2 ** 31), 2 ** 31 - 1)
+        acc = self.accumulator.conv(n, xq, qx.grid, m, wq, addend=bq)
         return acc.mul_((step / self._scale(q)).reshape(1, -1, 1, 1))
-
-    def _direct_conv_exact(self, n: fx.Node, xq, wq, m, padding) -> bool:
-        """Whether torch's float32 conv of this layer returns integers (a direct convolution
-        does; a Winograd/FFT one would not). Checked on the first batch, then cached."""
-        if n not in self._exact_ok:
-            acc = F.conv2d(xq[:4], wq, None, m.stride, padding, m.dilation, m.groups)
-            self._exact_ok[n] = bool(torch.equal(acc, torch.round(acc)))
-        return self._exact_ok[n]
 
     def _add(self, n: fx.Node, q: ActQuantizer) -> torch.Tensor:
         aq, s_a, qa = self._input_codes(n.args[0])
