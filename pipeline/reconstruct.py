@@ -1,4 +1,4 @@
-"""Layer-wise reconstruction with learned rounding on synthetic images (the ``reconstruct`` stage).
+"""Layer- or block-wise reconstruction with learned rounding on synthetic images (the ``reconstruct`` stage).
 
 Rounding every weight to the nearest grid point is not what minimises a layer's output error; at
 4 bits the difference decides whether a model works (AdaRound, Nagel et al. 2020). Here, as Genie-M
@@ -22,11 +22,19 @@ graph order, with the layers before already fixed:
   weight is set so that its folded weight is ``codes * s`` (Tune mode: divided by the BN factor),
   which round-to-nearest maps back to exactly those codes. The exported artifact is the usual one.
 
+``granularity="block"`` (BRECQ, Li et al. 2021) learns the rounding of a block's layers together
+(:mod:`dfq.pipeline.blocks`: a residual block, or up to ``block_layers`` layers of a plain chain)
+against the FP block's output, with the block's own activation quantizers on, each dropping to
+its float input per element with probability ``drop`` (QDrop); the block's input mixes ``x_q``
+and ``x_fp`` as above. Conv inputs are random ``2 * crop`` windows of the block's input maps and the
+target is the FP block on the same window.
+
 Activation scales and biases stay as calibrated; the stage's caller keeps the result only if the
 FP->quantized KL on held-out synthetic images falls.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import asdict, dataclass
@@ -37,9 +45,10 @@ from torch import fx, nn
 
 from dfq.common.progress import progress as progress_bar
 from dfq.kernels.fake_quant import Grid
+from dfq.pipeline.blocks import Block, BlockRunner, partition
 from dfq.pipeline.models import is_small_input
-from dfq.pipeline.qmodules import QuantConv2d
-from dfq.pipeline.quantize import QuantizedModel, input_quantizer_of, layer_nodes
+from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d
+from dfq.pipeline.quantize import QuantizedModel, input_quantizer_of, layer_nodes, module_of
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -55,6 +64,8 @@ class ReconstructConfig:
     warmup: float = 0.2          # fraction of the iterations without the regulariser
     drop: float = 0.5            # probability of the float input, per element (QDrop)
     crop: int | None = 16        # conv layers train on crop x crop output windows (None: whole maps)
+    granularity: str = "layer"   # "layer" (AdaRound) or "block" (BRECQ: a few layers together, pipeline.blocks)
+    block_layers: int = 3        # the most conv/linear layers a block merges from a plain chain
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -62,6 +73,8 @@ class ReconstructConfig:
         # rounding point (|V| <= 4.6 at the start) within the schedule, whatever its length
         if self.lr is None:
             self.lr = 3.0 / self.iterations
+        if self.granularity not in ("layer", "block"):
+            raise ValueError(f"reconstruction granularity must be 'layer' or 'block', not {self.granularity!r}")
 
     @classmethod
     def for_budget(cls, budget: str, input_size, seed: int = 0) -> "ReconstructConfig":
@@ -189,9 +202,68 @@ class _Windows:
         return self.layer.forward_padded(x, in_scale) if self.conv else self.layer(x, in_scale)
 
 
+class _Rounded:
+    """The layers whose rounding is being learned: their WeightQuantizers swapped for
+    :class:`_LearnedRounding` (restored on exit) and, on :meth:`bake`, their codes fixed."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        self.layers, self.originals, self.roundings, self.nearest = layers, [], [], []
+        for layer in layers:
+            q = layer.weight_quantizer
+            with torch.no_grad():
+                w = layer.folded()[0].detach()
+            r = _LearnedRounding(w, q.scale, q.grid)
+            self.originals.append(q)
+            self.roundings.append(r)
+            self.nearest.append(torch.clamp(torch.round(w / r._s(w)), q.grid.qmin, q.grid.qmax))
+
+    def __enter__(self) -> "_Rounded":
+        for layer, r in zip(self.layers, self.roundings):
+            layer.weight_quantizer = r
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for layer, q in zip(self.layers, self.originals):
+            layer.weight_quantizer = q
+
+    def regulariser(self, beta: float) -> torch.Tensor:
+        return sum(r.regulariser(beta) for r in self.roundings)
+
+    @torch.no_grad()
+    def bake(self) -> tuple[int, int]:
+        """Fix every layer's learned codes; returns (weights flipped from nearest, weights)."""
+        flipped = total = 0
+        for layer, r, q, nearest in zip(self.layers, self.roundings, self.originals, self.nearest):
+            codes = r.codes()
+            _bake(layer, codes, q.scale.detach())
+            flipped += int((codes != nearest).sum())
+            total += codes.numel()
+        return flipped, total
+
+
+def _optimise(rounded: _Rounded, batch_loss, cfg: ReconstructConfig) -> tuple[float, float]:
+    """Adam on the rounding variables: ``batch_loss(it)`` (the reconstruction error of one batch)
+    plus the annealed rounding regulariser after the warm-up; returns (first, last) batch loss."""
+    opt = torch.optim.Adam([r.v for r in rounded.roundings], lr=cfg.lr)
+    first = last = None
+    for it in range(cfg.iterations):
+        rec = batch_loss(it)
+        t = (it - cfg.warmup * cfg.iterations) / max(1.0, (1 - cfg.warmup) * cfg.iterations)
+        loss = rec
+        if t >= 0:
+            beta = cfg.beta_end + (cfg.beta_start - cfg.beta_end) * (1 - t)
+            loss = rec + cfg.reg * rounded.regulariser(beta)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        last = float(rec.detach())
+        first = last if first is None else first
+    return first, last
+
+
 def _reconstruct_layer(qmodel: QuantizedModel, fp_model: QuantizedModel, node: fx.Node, images: torch.Tensor,
-                       cfg: ReconstructConfig, gen: torch.Generator) -> tuple[float, float, float]:
-    """Learn and fix one layer's rounding; returns (first loss, last loss, fraction flipped).
+                       cfg: ReconstructConfig, gen: torch.Generator) -> tuple[float, float, int, int]:
+    """Learn and fix one layer's rounding; returns (first loss, last loss, weights flipped, weights).
     ``fp_model`` is a copy of ``qmodel`` from before any layer was reconstructed: its float weights
     are the FP model's (``qmodel``'s earlier layers hold their baked codes by now)."""
     gm = qmodel.module
@@ -201,69 +273,132 @@ def _reconstruct_layer(qmodel: QuantizedModel, fp_model: QuantizedModel, node: f
     data = _Windows(layer, x_q, x_fp, y, cfg.crop)
     aq = input_quantizer_of(gm, node)
     in_scale = gm.get_submodule(str(aq.target)).scale.detach() if aq is not None else None
-    original = layer.weight_quantizer
-    with torch.no_grad():
-        w = layer.folded()[0].detach()
-    rounding = _LearnedRounding(w, original.scale, original.grid)
-    nearest = torch.clamp(torch.round(w / rounding._s(w)), original.grid.qmin, original.grid.qmax)
-    layer.weight_quantizer = rounding
-    opt = torch.optim.Adam([rounding.v], lr=cfg.lr)
-    losses = []
+
+    def batch_loss(it: int) -> torch.Tensor:
+        idx = torch.randint(0, len(images), (min(cfg.batch, len(images)),), generator=gen)
+        xq, xf, target = data.sample(idx, gen)
+        keep_fp = torch.rand(xq.shape, generator=gen) < cfg.drop
+        out = data.forward(torch.where(keep_fp, xf, xq), in_scale)
+        return (out - target).pow(2).sum(1).mean()
+
+    with _Rounded([layer]) as rounded:
+        first, last = _optimise(rounded, batch_loss, cfg)
+        flipped, total = rounded.bake()
+    return first, last, flipped, total
+
+
+class _DroppedQuantizer(nn.Module):
+    """An ActQuantizer inside a block under reconstruction: per element, its float input with
+    probability ``p`` (QDrop), else its quantized output."""
+
+    def __init__(self, inner: nn.Module, p: float, gen: torch.Generator) -> None:
+        super().__init__()
+        self.inner, self.p, self.gen = inner, p, gen
+        self.scale = inner.scale   # the graph reads the step as "<quantizer>.scale"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = torch.rand(x.shape, generator=self.gen) < self.p
+        return torch.where(keep, x, self.inner(x))
+
+
+@contextlib.contextmanager
+def _swapped(gm: fx.GraphModule, modules: dict[str, nn.Module]):
+    """Replace the named submodules of ``gm`` for the duration of the block."""
+    old = {}
+    for name, new in modules.items():
+        parent, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(parent) if parent else gm
+        old[name] = (owner, attr, getattr(owner, attr))
+        setattr(owner, attr, new)
     try:
-        for it in range(cfg.iterations):
-            idx = torch.randint(0, len(images), (min(cfg.batch, len(images)),), generator=gen)
-            xq, xf, target = data.sample(idx, gen)
-            keep_fp = torch.rand(xq.shape, generator=gen) < cfg.drop
-            out = data.forward(torch.where(keep_fp, xf, xq), in_scale)
-            rec = (out - target).pow(2).sum(1).mean()
-            t = (it - cfg.warmup * cfg.iterations) / max(1.0, (1 - cfg.warmup) * cfg.iterations)
-            loss = rec
-            if t >= 0:
-                beta = cfg.beta_end + (cfg.beta_start - cfg.beta_end) * (1 - t)
-                loss = rec + cfg.reg * rounding.regulariser(beta)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(rec.detach()))
-        with torch.no_grad():
-            codes = rounding.codes()
-            _bake(layer, codes, original.scale.detach())
-            flipped = float((codes != nearest).float().mean())
+        yield
     finally:
-        layer.weight_quantizer = original
-    return losses[0], losses[-1], flipped
+        for owner, attr, module in old.values():
+            setattr(owner, attr, module)
+
+
+@torch.no_grad()
+def _block_input(runner: BlockRunner, block: Block, images: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    return torch.cat([runner.prefix(block, images[i:i + batch]) for i in range(0, len(images), batch)])
+
+
+def _crop(x_q: torch.Tensor, x_fp: torch.Tensor, side: int | None, gen: torch.Generator):
+    """The same random ``side`` x ``side`` window of both inputs (whole maps when they are smaller)."""
+    if side is None or x_q.dim() != 4 or max(x_q.shape[2:]) <= side:
+        return x_q, x_fp
+    oy = int(torch.randint(0, x_q.shape[2] - min(side, x_q.shape[2]) + 1, (1,), generator=gen))
+    ox = int(torch.randint(0, x_q.shape[3] - min(side, x_q.shape[3]) + 1, (1,), generator=gen))
+    window = (slice(None), slice(None), slice(oy, oy + side), slice(ox, ox + side))
+    return x_q[window], x_fp[window]
+
+
+def _reconstruct_block(qmodel: QuantizedModel, fp_model: QuantizedModel, block: Block, images: torch.Tensor,
+                       cfg: ReconstructConfig, gen: torch.Generator) -> tuple[float, float, int, int]:
+    """Learn and fix the rounding of a block's layers below 8 bits together, against the FP block's
+    output, with the block's own activation quantizers on (QDrop). Inputs are random windows of
+    the block's input maps (``2 * crop`` on a side): the FP block's output on the same window is
+    the target, so windows need no receptive-field bookkeeping. ``fp_model`` runs with every
+    quantizer off."""
+    gm, fgm = qmodel.module, fp_model.module
+    qrun, frun = BlockRunner(gm), BlockRunner(fgm)
+    x_q, x_fp = _block_input(qrun, block, images), _block_input(frun, block, images)
+    low = [gm.get_submodule(str(n.target)) for n in block.layers
+           if qmodel.layer_precision[str(n.target)].weights < 8]
+    inner = {str(n.target): _DroppedQuantizer(gm.get_submodule(str(n.target)), cfg.drop, gen)
+             for n in block.nodes if isinstance(module_of(gm, n), ActQuantizer)}
+    side = None if cfg.crop is None else 2 * cfg.crop
+
+    def batch_loss(it: int) -> torch.Tensor:
+        idx = torch.randint(0, len(images), (min(cfg.batch, len(images)),), generator=gen)
+        xq, xf = _crop(x_q[idx], x_fp[idx], side, gen)
+        with torch.no_grad():
+            target = frun(block, xf)
+        keep_fp = torch.rand(xq.shape, generator=gen) < cfg.drop
+        out = qrun(block, torch.where(keep_fp, xf, xq))
+        return (out - target).pow(2).sum(1).mean()
+
+    with _swapped(gm, inner), _Rounded(low) as rounded:
+        first, last = _optimise(rounded, batch_loss, cfg)
+        flipped, total = rounded.bake()
+    return first, last, flipped, total
 
 
 def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, cfg: ReconstructConfig, *,
                 progress: bool = True) -> ReconstructResult:
     """Learned rounding for every conv/linear layer whose weights are below 8 bits (see the module
-    docstring); ``qmodel`` is changed in place."""
+    docstring), layer by layer or block by block; ``qmodel`` is changed in place."""
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed * 7_919 + 3)
-    nodes = [n for n in layer_nodes(qmodel.module) if qmodel.layer_precision[str(n.target)].weights < 8]
+    low = {n for n in layer_nodes(qmodel.module) if qmodel.layer_precision[str(n.target)].weights < 8}
+    if cfg.granularity == "block":
+        units = [b for b in partition(qmodel.module, cfg.block_layers) if low & set(b.layers)]
+        step = _reconstruct_block
+    else:
+        units = [n for n in layer_nodes(qmodel.module) if n in low]
+        step = _reconstruct_layer
     was_training = qmodel.module.training
     qmodel.module.eval()
     for p in qmodel.module.parameters():
         p.requires_grad_(False)
     fp_model = copy.deepcopy(qmodel)
-    bar = progress_bar(len(nodes), "reconstruct", unit="layer") if progress else None
-    firsts, lasts, flips, sizes = [], [], [], []
+    if cfg.granularity == "block":
+        fp_model.set_enabled(False, False)
+    bar = progress_bar(len(units), "reconstruct", unit=cfg.granularity) if progress else None
+    firsts, lasts, flipped, total = [], [], 0, 0
     try:
-        for node in nodes:
-            first, last, flipped = _reconstruct_layer(qmodel, fp_model, node, images, cfg, gen)
+        for unit in units:
+            first, last, f, n = step(qmodel, fp_model, unit, images, cfg, gen)
             firsts.append(first)
             lasts.append(last)
-            flips.append(flipped)
-            sizes.append(qmodel.module.get_submodule(str(node.target)).weight.numel())
+            flipped, total = flipped + f, total + n
             if bar is not None:
                 bar.update(1)
     finally:
         if bar is not None:
             bar.close()
         qmodel.module.train(was_training)
-    total = sum(sizes)
     return ReconstructResult(
-        layers=len(nodes), images=len(images), seconds=time.perf_counter() - t0,
-        flipped=sum(f * s for f, s in zip(flips, sizes)) / total if total else 0.0,
+        layers=len(low), images=len(images), seconds=time.perf_counter() - t0,
+        flipped=flipped / total if total else 0.0,
         first_loss=sum(firsts) / len(firsts) if firsts else None,
         last_loss=sum(lasts) / len(lasts) if lasts else None)

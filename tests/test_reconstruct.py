@@ -93,3 +93,26 @@ def test_conv_windows_are_slices_of_the_whole_output():
                 xq, xf, target = data.sample(torch.tensor([2, 0]), gen)
                 assert target.shape[2:] == (7, 7) and xf.shape == xq.shape
                 assert torch.allclose(data.forward(xq, None), target, atol=1e-5)
+
+
+def _logit_mse(qm, model, images):
+    with torch.no_grad():
+        return float((qm.module(images) - model(images)).pow(2).mean())
+
+
+def test_block_reconstruction_bakes_grid_codes_and_lowers_the_output_error():
+    model = tiny_resnet(4)
+    images = tiny_images(64, seed=3)
+    qm = quantize(model, qconfig(bits=4), images[:2])
+    calibrate(qm, images)
+    before = _logit_mse(qm, model, images)
+    res = reconstruct(qm, images, ReconstructConfig(iterations=200, batch=16, granularity="block"), progress=False)
+    assert res.layers == 4 and 0 < res.flipped < 0.5 and res.last_loss < res.first_loss
+    for name in ("block.conv1", "block.conv2", "down", "dw"):
+        layer = qm.module.get_submodule(name)
+        w = layer.folded()[0].detach()
+        s = layer.weight_quantizer.scale.detach().reshape(-1, 1, 1, 1)
+        assert torch.allclose(w / s, torch.round(w / s), atol=1e-3)
+        # the block's activation quantizers are back in place
+    assert all(type(m).__name__ == "ActQuantizer" for m in qm.act_quantizers().values())
+    assert _logit_mse(qm, model, images) < before
