@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from dfq.export.integer_layers import ExactAccumulator, weight_codes
-from dfq.kernels.fake_quant import Grid, quantize_to_int
+from dfq.kernels.fake_quant import Grid
 from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear
 from dfq.pipeline.quantize import (
     QuantizedModel,
@@ -235,8 +235,7 @@ class OrtIntegerReference(fx.Interpreter):
 
     def _linear(self, n: fx.Node, m: QuantLinear) -> torch.Tensor:
         xq, s_x, _ = self._input_codes(n.args[0])
-        s_w = m.weight_quantizer.scale.detach().float().clamp(min=1e-12)
-        wq = quantize_to_int(m.weight.detach().float(), s_w.reshape(-1, 1), m.weight_quantizer.grid)
-        b = m.quantized_bias(m.bias.detach().float(), s_x)   # on the int32 grid s_x * s_w, as QGemm
+        wq, s_w, b = weight_codes(m)
+        b = m.quantized_bias(b, s_x)   # on the int32 grid s_x * s_w, as QGemm
         acc = xq.double() @ wq.double().t()
         return acc * (s_x.double() * s_w.double()) + b.double()

@@ -83,14 +83,13 @@ class BlockRunner(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
         self._by_name = {n.name: n for n in gm.graph.nodes}
-        self._local: dict[int, Block] = {}
 
     def _here(self, block: Block) -> Block:
-        if id(block) not in self._local:
-            def mine(nodes):
-                return [self._by_name[n.name] for n in nodes]
-            self._local[id(block)] = Block(self._by_name[block.start.name], mine(block.nodes), mine(block.layers))
-        return self._local[id(block)]
+        """The block with this runner's own nodes (the same names)."""
+        if block.start.graph is self.module.graph:
+            return block
+        mine = [self._by_name[n.name] for n in block.nodes]
+        return Block(self._by_name[block.start.name], mine, [self._by_name[n.name] for n in block.layers])
 
     def __call__(self, block: Block, x: torch.Tensor) -> torch.Tensor:
         block = self._here(block)

@@ -369,13 +369,12 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, cfg: ReconstructCo
     docstring), layer by layer or block by block; ``qmodel`` is changed in place."""
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed * 7_919 + 3)
-    low = {n for n in layer_nodes(qmodel.module) if qmodel.layer_precision[str(n.target)].weights < 8}
+    nodes = [n for n in layer_nodes(qmodel.module) if qmodel.layer_precision[str(n.target)].weights < 8]
     if cfg.granularity == "block":
-        units = [b for b in partition(qmodel.module, cfg.block_layers) if low & set(b.layers)]
+        units = [b for b in partition(qmodel.module, cfg.block_layers) if set(nodes) & set(b.layers)]
         step = _reconstruct_block
     else:
-        units = [n for n in layer_nodes(qmodel.module) if n in low]
-        step = _reconstruct_layer
+        units, step = nodes, _reconstruct_layer
     was_training = qmodel.module.training
     qmodel.module.eval()
     for p in qmodel.module.parameters():
@@ -398,7 +397,7 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, cfg: ReconstructCo
             bar.close()
         qmodel.module.train(was_training)
     return ReconstructResult(
-        layers=len(low), images=len(images), seconds=time.perf_counter() - t0,
+        layers=len(nodes), images=len(images), seconds=time.perf_counter() - t0,
         flipped=flipped / total if total else 0.0,
         first_loss=sum(firsts) / len(firsts) if firsts else None,
         last_loss=sum(lasts) / len(lasts) if lasts else None)

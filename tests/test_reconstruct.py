@@ -36,6 +36,16 @@ def _layer_mse(qm, model, images):
     return {n: float((v[1] - v[0]).pow(2).mean()) for n, v in outs.items()}
 
 
+def _assert_weights_on_grid(qm):
+    """The folded float weight of every reconstructed layer sits on its grid: round-to-nearest (what
+    the exporter does) gives back the learned codes exactly."""
+    for name in ("block.conv1", "block.conv2", "down", "dw"):
+        layer = qm.module.get_submodule(name)
+        w = layer.folded()[0].detach()
+        s = layer.weight_quantizer.scale.detach().reshape(-1, 1, 1, 1)
+        assert torch.allclose(w / s, torch.round(w / s), atol=1e-3)
+
+
 def test_reconstruction_bakes_codes_the_exporter_reproduces_and_lowers_the_error():
     model = tiny_resnet(4)
     images = tiny_images(64, seed=3)
@@ -44,13 +54,7 @@ def test_reconstruction_bakes_codes_the_exporter_reproduces_and_lowers_the_error
     before = _layer_mse(qm, model, images)
     res = reconstruct(qm, images, ReconstructConfig(iterations=200, batch=16), progress=False)
     assert res.layers == 4 and 0 < res.flipped < 0.5 and res.last_loss < res.first_loss
-    for name in ("block.conv1", "block.conv2", "down", "dw"):
-        layer = qm.module.get_submodule(name)
-        wq = layer.weight_quantizer
-        w = layer.folded()[0].detach()
-        s = wq.scale.detach().reshape(-1, 1, 1, 1)
-        # the folded float weight sits on the grid: round-to-nearest gives back the learned codes exactly
-        assert torch.allclose(w / s, torch.round(w / s), atol=1e-3)
+    _assert_weights_on_grid(qm)
     after = _layer_mse(qm, model, images)
     assert sum(after.values()) < sum(before.values())
 
@@ -108,11 +112,7 @@ def test_block_reconstruction_bakes_grid_codes_and_lowers_the_output_error():
     before = _logit_mse(qm, model, images)
     res = reconstruct(qm, images, ReconstructConfig(iterations=200, batch=16, granularity="block"), progress=False)
     assert res.layers == 4 and 0 < res.flipped < 0.5 and res.last_loss < res.first_loss
-    for name in ("block.conv1", "block.conv2", "down", "dw"):
-        layer = qm.module.get_submodule(name)
-        w = layer.folded()[0].detach()
-        s = layer.weight_quantizer.scale.detach().reshape(-1, 1, 1, 1)
-        assert torch.allclose(w / s, torch.round(w / s), atol=1e-3)
-        # the block's activation quantizers are back in place
+    _assert_weights_on_grid(qm)
+    # the block's activation quantizers are back in place
     assert all(type(m).__name__ == "ActQuantizer" for m in qm.act_quantizers().values())
     assert _logit_mse(qm, model, images) < before
