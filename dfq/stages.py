@@ -154,7 +154,8 @@ class SyntheticData:
 
 
 def synthesis_config(job: ExportJob, recipe: Recipe, input_size) -> SynthConfig:
-    cfg = SynthConfig.for_budget(recipe.synthesis_budget(job.budget), input_size, seed=job.seed)
+    cfg = SynthConfig.for_budget(recipe.synthesis_budget(job.budget), input_size, seed=job.seed,
+                                 reconstruction=recipe.reconstruct)
     if job.synth_overrides:
         overrides = dict(job.synth_overrides)
         if "num_images" in overrides and "batch_size" not in overrides:

@@ -44,7 +44,7 @@ from dfq.pipeline.models import is_small_input
 
 __all__ = [
     "SynthConfig", "BNStatsHook", "synthesize", "synthesize_batches", "target_labels",
-    "pixel_bounds", "total_variation", "augment", "evaluate_synthetic", "batch_mean_var",
+    "pixel_bounds", "total_variation", "augment", "evaluate_synthetic", "batch_mean_var", "swing_convolutions",
 ]
 
 Budget = Literal["fast", "default", "long"]
@@ -63,7 +63,8 @@ class SynthConfig:
     learning rate ``lr`` decayed on a half-cosine to ``lr * 0.01`` (lr_t = lr_min + (lr - lr_min)
     * (1 + cos(pi t / steps)) / 2). The loss weights are documented in the module docstring; a
     weight of 0 switches its term off (and skips computing it). ``jitter`` is the largest
-    circular shift in pixels (0 = none); ``flip`` enables random horizontal flips.
+    circular shift in pixels (0 = none); ``flip`` enables random horizontal flips; ``swing`` shifts
+    the input of every strided convolution by a random pixel each step (:func:`swing_convolutions`).
     """
 
     num_images: int
@@ -76,6 +77,7 @@ class SynthConfig:
     l2_weight: float = 0.0
     jitter: int = 0
     flip: bool = False
+    swing: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -98,6 +100,7 @@ class SynthConfig:
         need(isinstance(self.jitter, int) and not isinstance(self.jitter, bool)
              and self.jitter >= 0, f"jitter must be an integer >= 0, got {self.jitter!r}")
         need(isinstance(self.flip, bool), f"flip must be a bool, got {self.flip!r}")
+        need(isinstance(self.swing, bool), f"swing must be a bool, got {self.swing!r}")
         need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
              f"seed must be an integer >= 0, got {self.seed!r}")
 
@@ -110,12 +113,17 @@ class SynthConfig:
 
     @classmethod
     def for_budget(cls, budget: Budget, input_size: tuple[int, int, int],
-                   seed: int = 0) -> "SynthConfig":
+                   seed: int = 0, reconstruction: bool = False) -> "SynthConfig":
         """Presets sized for a 2-core CPU (README "Options" gives the wall times).
 
         Small inputs (H*W <= 64*64, CIFAR-style) and large inputs (ImageNet-style) get separate
         tables; large inputs cost ~50x more per image and step, so they get fewer images/steps.
         The jitter is about 1/16 of the image side (2 px at 32x32, 14 px at 224x224).
+
+        ``reconstruction``: the images are all a reconstruction recipe learns its roundings from.
+        On large inputs they then get :data:`_RECONSTRUCTION_STEPS_LARGE` steps and swing
+        convolutions: 50 steps leave 224x224 images far from converged, and a reconstruction on
+        them generalises badly to real images (README "Precision, sensitivity, mixed precision").
         """
         if budget not in _BUDGETS_SMALL:
             raise ValueError(f"unknown synthesis budget {budget!r}; choose one of "
@@ -126,10 +134,13 @@ class SynthConfig:
         small = is_small_input(input_size)
         table = _BUDGETS_SMALL if small else _BUDGETS_LARGE
         n, bs, steps, lr = table[budget]
+        converge = reconstruction and not small
+        if converge:
+            steps = _RECONSTRUCTION_STEPS_LARGE[budget]
         jitter = max(1, min(h, w) // 16)
         return cls(num_images=n, batch_size=bs, steps=steps, lr=lr, bn_weight=1.0,
                    ce_weight=0.05, tv_weight=0.0, l2_weight=0.0, jitter=jitter, flip=True,
-                   seed=seed)
+                   swing=converge, seed=seed)
 
 
 # (num_images, batch_size, steps, lr) -- see for_budget.
@@ -143,6 +154,8 @@ _BUDGETS_LARGE: dict[str, tuple[int, int, int, float]] = {
     "default": (128, 32, 150, 0.2),
     "long": (256, 32, 400, 0.2),
 }
+# Steps per batch of large inputs for reconstruction recipes (the rest of the row as above).
+_RECONSTRUCTION_STEPS_LARGE: dict[str, int] = {"fast": 200, "default": 300, "long": 600}
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,6 +369,34 @@ def augment(x: torch.Tensor, jitter: int, flip: bool, gen: torch.Generator) -> t
     return x
 
 
+@contextlib.contextmanager
+def swing_convolutions(model: nn.Module, gen: torch.Generator):
+    """While active, every ``nn.Conv2d`` with a stride above 1 reads its input reflection-padded
+    by one pixel and cropped back to its size at a random offset in ``{0, 1, 2}^2`` drawn from
+    ``gen`` on each call ("swing convolution", Genie, Jeon et al. 2023). A strided convolution
+    otherwise sees only one sampling phase of its input, so the pixels between its taps get
+    gradient from nowhere else and BN inversion leaves a checkerboard there; the random phase
+    spreads the gradient over every pixel. The input-level jitter of :func:`augment` moves all
+    layers together; this moves each strided layer on its own."""
+
+    def shift(module: nn.Module, inputs: tuple) -> tuple:
+        x = inputs[0]
+        if x.dim() != 4 or min(x.shape[2:]) < 2:
+            return inputs
+        h, w = x.shape[2:]
+        d = torch.randint(0, 3, (2,), generator=gen)
+        y = F.pad(x, (1, 1, 1, 1), mode="reflect")[..., int(d[0]):int(d[0]) + h, int(d[1]):int(d[1]) + w]
+        return (y, *inputs[1:])
+
+    handles = [m.register_forward_pre_hook(shift) for m in model.modules()
+               if isinstance(m, nn.Conv2d) and max(m.stride) > 1]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 # --------------------------------------------------------------------------------------------
 # synthesis
 
@@ -497,7 +538,8 @@ def _invert_batch(model: nn.Module, labels: torch.Tensor, chw: tuple[int, int, i
     y = labels.to(device)
     adam = _PixelAdam(x)
     lr_min = cfg.lr * 0.01
-    with torch.enable_grad(), BNStatsHook(model) as hook:
+    swing = swing_convolutions(model, gen) if cfg.swing else contextlib.nullcontext()
+    with torch.enable_grad(), BNStatsHook(model) as hook, swing:
         for step in range(cfg.steps):
             lr = lr_min + (cfg.lr - lr_min) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
             x.grad = None

@@ -10,7 +10,8 @@ from torch import nn
 
 from dfq.pipeline.synthesize import (BNStatsHook, SynthConfig, batch_mean_var,
                                      evaluate_synthetic, pixel_bounds, synthesize,
-                                     synthesize_batches, target_labels, total_variation)
+                                     swing_convolutions, synthesize_batches, target_labels,
+                                     total_variation)
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -276,13 +277,56 @@ def test_synthesize_rejects_bad_arguments():
         next(synthesize_batches(model, SIZE, MEAN, STD, 5, cfg(), progress=False, start_batch=9))
 
 
+# ------------------------------------------------------------------------------- swing convolutions
+
+
+def _strided_1x1() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1, stride=2))
+
+
+def test_swing_spreads_the_gradient_of_strided_convs_over_every_pixel():
+    # A 1x1 conv of stride 2 reads only the even pixels: without swing the odd ones get no gradient.
+    model = _strided_1x1()
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    model(x).square().sum().backward()
+    assert bool((x.grad[..., 1::2, :] == 0).all()) and bool((x.grad[..., ::2, ::2] != 0).all())
+    x.grad = None
+    with swing_convolutions(model, torch.Generator().manual_seed(0)):
+        for _ in range(40):
+            out = model(x)
+            assert out.shape == (2, 4, 4, 4)
+            out.square().sum().backward()
+    assert bool((x.grad.abs().sum(dim=(0, 1)) > 0).all())
+
+
+def test_swing_touches_only_strided_convs_and_is_removed():
+    model = _strided_1x1()
+    x = torch.randn(1, 3, 8, 8)
+    plain = model(x)
+    with swing_convolutions(model, torch.Generator().manual_seed(1)):
+        assert len(model[0]._forward_pre_hooks) == 0 and len(model[1]._forward_pre_hooks) == 1
+        outs = [model(x) for _ in range(12)]
+    assert any(not torch.equal(o, plain) for o in outs)
+    assert len(model[1]._forward_pre_hooks) == 0
+    assert torch.equal(model(x), plain)
+
+
+def test_synthesize_with_swing_is_deterministic():
+    model = make_model()
+    a, _ = run(model, cfg(swing=True))
+    b, _ = run(model, cfg(swing=True))
+    c, _ = run(model, cfg(swing=False))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
 # ------------------------------------------------------------------------------- SynthConfig
 
 
 @pytest.mark.parametrize("field,value", [
     ("num_images", 0), ("batch_size", -1), ("steps", 0), ("steps", 2.5), ("lr", 0.0),
     ("lr", float("nan")), ("bn_weight", -1.0), ("tv_weight", float("inf")), ("jitter", -1),
-    ("flip", 1), ("seed", -3),
+    ("flip", 1), ("swing", 1), ("seed", -3),
 ])
 def test_config_validation(field, value):
     with pytest.raises(ValueError, match=field):
@@ -303,6 +347,12 @@ def test_for_budget(budget):
     assert small.to_dict()["method"] == "bns"
     assert SynthConfig(**{k: v for k, v in small.to_dict().items() if k != "method"}) == small
     assert dataclasses.replace(small, num_images=5).num_images == 5
+    # reconstruction recipes: converged images with swing convolutions on large inputs only
+    recon_small = SynthConfig.for_budget(budget, (3, 32, 32), seed=3, reconstruction=True)
+    recon_large = SynthConfig.for_budget(budget, (3, 224, 224), reconstruction=True)
+    assert recon_small == small and not small.swing and not large.swing
+    assert recon_large.swing and recon_large.steps > large.steps
+    assert recon_large.num_images == large.num_images
 
 
 def test_budgets_grow():
@@ -311,3 +361,16 @@ def test_budgets_grow():
     assert work == sorted(work) and work[0] < work[-1]
     with pytest.raises(ValueError, match="budget"):
         SynthConfig.for_budget("huge", (3, 32, 32))
+
+
+def test_reconstruction_recipes_get_the_converged_image_set():
+    from dfq.job import ExportJob
+    from dfq.pipeline.recipes import RECIPES
+    from dfq.stages import synthesis_config
+
+    job = ExportJob(model="m.pth", out="m.onnx", budget="fast")
+    large = (3, 224, 224)
+    for name in ("recon", "acq-recon"):
+        assert synthesis_config(job, RECIPES[name], large) == SynthConfig.for_budget("fast", large, reconstruction=True)
+    for name in ("bns", "acq"):
+        assert synthesis_config(job, RECIPES[name], large) == SynthConfig.for_budget("fast", large)
