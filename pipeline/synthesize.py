@@ -39,6 +39,7 @@ from torch import nn
 
 from dfq.common import distributed as D
 from dfq.common.progress import progress as progress_bar
+from dfq.pipeline.augment import augment, swing_convolutions
 from dfq.pipeline.losses import bn_stats_distance
 from dfq.pipeline.models import is_small_input
 
@@ -121,9 +122,9 @@ class SynthConfig:
         The jitter is about 1/16 of the image side (2 px at 32x32, 14 px at 224x224).
 
         ``reconstruction``: the images are all a reconstruction recipe learns its roundings from.
-        On large inputs they then get :data:`_RECONSTRUCTION_STEPS_LARGE` steps and swing
-        convolutions: 50 steps leave 224x224 images far from converged, and a reconstruction on
-        them generalises badly to real images (README "Precision, sensitivity, mixed precision").
+        On large inputs they then get :data:`_RECONSTRUCTION_STEPS_LARGE` steps: 50 steps leave
+        224x224 images far from converged, and a reconstruction on them generalises badly to real
+        images (README "Methods"). ``swing`` stays off: it did not help there (README "Methods").
         """
         if budget not in _BUDGETS_SMALL:
             raise ValueError(f"unknown synthesis budget {budget!r}; choose one of "
@@ -134,13 +135,12 @@ class SynthConfig:
         small = is_small_input(input_size)
         table = _BUDGETS_SMALL if small else _BUDGETS_LARGE
         n, bs, steps, lr = table[budget]
-        converge = reconstruction and not small
-        if converge:
+        if reconstruction and not small:
             steps = _RECONSTRUCTION_STEPS_LARGE[budget]
         jitter = max(1, min(h, w) // 16)
         return cls(num_images=n, batch_size=bs, steps=steps, lr=lr, bn_weight=1.0,
                    ce_weight=0.05, tv_weight=0.0, l2_weight=0.0, jitter=jitter, flip=True,
-                   swing=converge, seed=seed)
+                   seed=seed)
 
 
 # (num_images, batch_size, steps, lr) -- see for_budget.
@@ -353,48 +353,6 @@ def target_labels(num_images: int, num_classes: int, seed: int = 0, start: int =
     perm = torch.randperm(num_classes, generator=g)
     idx = (torch.arange(num_images, dtype=torch.int64) + start) % num_classes
     return perm[idx]
-
-
-def augment(x: torch.Tensor, jitter: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
-    """DeepInversion-style augmentation of a batch ``[B, C, H, W]``: one circular shift
-    ``(dy, dx)`` drawn uniformly from ``[-jitter, jitter]^2`` and, if ``flip``, a horizontal flip
-    with probability 1/2 (the same for the whole batch). Draws come from ``gen`` (CPU)."""
-    if jitter > 0:
-        d = torch.randint(-jitter, jitter + 1, (2,), generator=gen)
-        dy, dx = int(d[0]), int(d[1])
-        if dy or dx:
-            x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-    if flip and bool(torch.rand((), generator=gen) < 0.5):
-        x = torch.flip(x, dims=(3,))
-    return x
-
-
-@contextlib.contextmanager
-def swing_convolutions(model: nn.Module, gen: torch.Generator):
-    """While active, every ``nn.Conv2d`` with a stride above 1 reads its input reflection-padded
-    by one pixel and cropped back to its size at a random offset in ``{0, 1, 2}^2`` drawn from
-    ``gen`` on each call ("swing convolution", Genie, Jeon et al. 2023). A strided convolution
-    otherwise sees only one sampling phase of its input, so the pixels between its taps get
-    gradient from nowhere else and BN inversion leaves a checkerboard there; the random phase
-    spreads the gradient over every pixel. The input-level jitter of :func:`augment` moves all
-    layers together; this moves each strided layer on its own."""
-
-    def shift(module: nn.Module, inputs: tuple) -> tuple:
-        x = inputs[0]
-        if x.dim() != 4 or min(x.shape[2:]) < 2:
-            return inputs
-        h, w = x.shape[2:]
-        d = torch.randint(0, 3, (2,), generator=gen)
-        y = F.pad(x, (1, 1, 1, 1), mode="reflect")[..., int(d[0]):int(d[0]) + h, int(d[1]):int(d[1]) + w]
-        return (y, *inputs[1:])
-
-    handles = [m.register_forward_pre_hook(shift) for m in model.modules()
-               if isinstance(m, nn.Conv2d) and max(m.stride) > 1]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 # --------------------------------------------------------------------------------------------
