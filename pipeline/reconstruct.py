@@ -371,7 +371,8 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, cfg: ReconstructCo
     gen = torch.Generator().manual_seed(cfg.seed * 7_919 + 3)
     nodes = [n for n in layer_nodes(qmodel.module) if qmodel.layer_precision[str(n.target)].weights < 8]
     if cfg.granularity == "block":
-        units = [b for b in partition(qmodel.module, cfg.block_layers) if set(nodes) & set(b.layers)]
+        low = set(nodes)
+        units = [b for b in partition(qmodel.module, cfg.block_layers) if low & set(b.layers)]
         step = _reconstruct_block
     else:
         units, step = nodes, _reconstruct_layer
