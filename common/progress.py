@@ -2,7 +2,7 @@
 
 On a TTY :func:`progress` returns a tqdm bar. Without one (CI, ``nohup``, a pipe) a bar would write
 every update as a carriage-return line, hundreds of kilobytes per run; :class:`LineProgress` instead
-prints one short line every ``interval`` seconds and one at the end.
+prints one short line every ``interval`` seconds and one at the end (never the same count twice).
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ class LineProgress:
         self.t0 = self.last = time.monotonic()
         self.postfix = ""
         self.closed = False
+        self.printed_n: int | None = None   # the count the last line showed
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -54,11 +55,15 @@ class LineProgress:
         if self.postfix:
             line += f" ({self.postfix})"
         print(line, file=self.stream, flush=True)
+        self.printed_n = self.n
 
     def close(self) -> None:
+        """Print the final line, unless the last interval line already showed this count (a slow
+        last step can cross the interval and print it from ``update``)."""
         if not self.closed:
             self.closed = True
-            self._print(time.monotonic())
+            if self.printed_n != self.n:
+                self._print(time.monotonic())
 
 
 def progress(total: int, desc: str, unit: str = "step", initial: int = 0, *, stream: TextIO | None = None):
