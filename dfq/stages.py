@@ -36,8 +36,8 @@ from dfq.pipeline.calibrate import CalibrationResult, batched_logits, calibrate,
 from dfq.pipeline.data import image_folder, iterate_images
 from dfq.pipeline.finetune import FinetuneConfig, checkpoint_fingerprint, finetune
 from dfq.pipeline.load import LoadedModel, has_batchnorm, load_model
-from dfq.pipeline.mixed_precision import MixedPrecision, average_bits, choose_precision
-from dfq.pipeline.quantize import Precision, QuantConfig, QuantizedModel, quantize, unmatched_patterns
+from dfq.pipeline.mixed_precision import MixedPrecision, average_bits, check_budget, choose_precision
+from dfq.pipeline.quantize import Precision, QuantConfig, QuantizedModel, kept_8bit, quantize, unmatched_patterns
 from dfq.pipeline.sensitivity import LayerSensitivity, layer_costs, layer_sensitivity, sensitivity_png
 from dfq.pipeline.recipes import RECIPES, Recipe
 from dfq.pipeline.reconstruct import ReconstructConfig, reconstruct
@@ -102,6 +102,8 @@ def load(run: Run) -> Inputs:
                 "no real-data calibration option yet.")
         if job.keep_8bit:
             _check_layer_patterns(job.keep_8bit, loaded.model)
+        if job.mixed_budget is not None:
+            _check_mixed_budget(run, loaded)
         val_set = image_folder(job.val, loaded.spec) if job.val else None
         torch.manual_seed(job.seed)
     return Inputs(loaded, val_set)
@@ -117,6 +119,25 @@ def _check_layer_patterns(patterns, model: nn.Module) -> None:
         raise UsageError(f"--keep-8bit {missing[0]!r} matches no conv/linear layer of the model. Layer names look like: "
                          f"{shown} (globs such as '*depthwise*' or 'layer3.*' work; @first and @last name the "
                          "first conv and the last linear).")
+
+
+def _check_mixed_budget(run: Run, loaded: LoadedModel) -> None:
+    """Fail before the expensive stages when the layers fixed at 8 bits alone exceed ``--mixed-budget``
+    (the sensitivity stage would only find out after synthesis)."""
+    low = Precision(run.job.bits, run.job.act_bits)
+    config = _quant_config(run, bits=low.weights, act_bits=low.activations)
+    qmodel = quantize(loaded.model, config, torch.zeros(2, *loaded.spec.input_size))
+    w, a = run.job.mixed_budget
+    try:
+        check_budget(layer_costs(qmodel), kept_8bit(qmodel.module, config), low, avg_weight_bits=w, avg_act_bits=a)
+    except ValueError as exc:
+        raise _mixed_budget_error(run.job, exc) from exc
+
+
+def _mixed_budget_error(job: ExportJob, exc: ValueError) -> UsageError:
+    fix = ("pass --keep-8bit none so that the sensitivities decide the first conv and the last linear too"
+           if job.keep_8bit is None else "keep fewer layers at 8 bits with --keep-8bit")
+    return UsageError(f"--mixed-budget: {exc}. Raise the budget, or {fix}.")
 
 
 # -- synthesize -------------------------------------------------------------------------------
@@ -210,7 +231,7 @@ def sensitivity_stage(run: Run, inputs: Inputs, data: SyntheticData) -> Sensitiv
             mixed = choose_precision(rows, low, avg_weight_bits=w, avg_act_bits=a,
                                      fixed_8bit={r.name for r in rows if r.kept_8bit})
         except ValueError as exc:
-            raise UsageError(f"--mixed-budget: {exc}.") from exc
+            raise _mixed_budget_error(job, exc) from exc
         run.log(f"[dfq] mixed precision within W{w:g}A{a:g}: average weight bits {mixed.avg_weight_bits:.2f}, "
                 f"average activation bits {mixed.avg_act_bits:.2f} (MAC-weighted), "
                 f"{sum(p != low for p in mixed.layers.values())} of {len(rows)} layers above {low}")

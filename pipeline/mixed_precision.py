@@ -77,18 +77,42 @@ def average_bits(layers: dict[str, Precision], costs: dict[str, tuple[int, int]]
     return wbits / params, abits / macs, wbits / 8
 
 
+def fixed_layers_bits(costs: dict[str, tuple[int, int]], fixed_8bit: set[str], low: Precision) -> tuple[float, float]:
+    """The least (average weight bits, MAC-weighted average activation bits) any choice can reach:
+    the ``fixed_8bit`` layers at W8A8, every other layer at ``low``; ``costs[name] = (parameters,
+    MACs)``. (A layer that reads the same input tensor as a fixed one also reads it at 8 bits, which
+    only :func:`choose_precision` accounts for, so a budget can still fail there.)"""
+    layers = {n: Precision(8, 8) if n in fixed_8bit else low for n in costs}
+    w, a, _ = average_bits(layers, costs)
+    return w, a
+
+
+def check_budget(costs: dict[str, tuple[int, int]], fixed_8bit: set[str], low: Precision, *,
+                 avg_weight_bits: float, avg_act_bits: float) -> None:
+    """Raise ValueError, naming the fixed layers and the least budget that holds them, when the
+    ``fixed_8bit`` layers alone exceed a budget; costs no sensitivity, so callers check before the
+    expensive stages."""
+    w, a = fixed_layers_bits(costs, fixed_8bit, low)
+    if w <= avg_weight_bits + 1e-9 and a <= avg_act_bits + 1e-9:
+        return
+    names = sorted(fixed_8bit)
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    raise ValueError(f"the layers kept at 8 bits ({shown}), with every other layer at {low}, already average "
+                     f"W{math.ceil(w * 100) / 100:g}A{math.ceil(a * 100) / 100:g}, above the budget "
+                     f"W{avg_weight_bits:g}A{avg_act_bits:g}")
+
+
 def choose_precision(rows: list[LayerSensitivity], low: Precision, *, avg_weight_bits: float,
                      avg_act_bits: float, fixed_8bit: set[str] = frozenset()) -> MixedPrecision:
     """Per-layer precision within the budgets (see the module docstring); raises ValueError when
     the fixed 8-bit layers alone exceed a budget."""
+    check_budget({r.name: (r.params, r.macs) for r in rows}, fixed_8bit, low,
+                 avg_weight_bits=avg_weight_bits, avg_act_bits=avg_act_bits)
     params, macs = sum(r.params for r in rows), sum(r.macs for r in rows)
     free = [r for r in rows if r.name not in fixed_8bit]
     fixed = [r for r in rows if r.name in fixed_8bit]
     w_room = avg_weight_bits * params - low.weights * params - (8 - low.weights) * sum(r.params for r in fixed)
     a_room = avg_act_bits * macs - low.activations * macs - (8 - low.activations) * sum(r.macs for r in fixed)
-    if w_room < -1e-9 or a_room < -1e-9:
-        raise ValueError(f"the layers kept at 8 bits already exceed the budget W{avg_weight_bits:g}A{avg_act_bits:g}; "
-                         "raise the budget or keep fewer layers at 8 bits")
     keep_w = _keep_at_8([r.weights for r in free], [r.params for r in free], w_room, 8 - low.weights)
     inputs = {}                                  # input tensor -> the free layers that read it
     fixed_inputs = {r.input for r in fixed}
@@ -98,8 +122,8 @@ def choose_precision(rows: list[LayerSensitivity], low: Precision, *, avg_weight
     groups = list(inputs.values())
     a_room -= (8 - low.activations) * sum(r.macs for r in free if r.input in fixed_inputs)
     if a_room < -1e-9:
-        raise ValueError(f"the layers kept at 8 bits already exceed the budget W{avg_weight_bits:g}A{avg_act_bits:g}; "
-                         "raise the budget or keep fewer layers at 8 bits")
+        raise ValueError(f"the layers kept at 8 bits and the layers that read their inputs already exceed the "
+                         f"activation budget A{avg_act_bits:g}")
     kept = _keep_at_8([sum(r.activations for r in g) for g in groups], [sum(r.macs for r in g) for g in groups],
                       a_room, 8 - low.activations)
     keep_a = {r.name for i in kept for r in groups[i]} | {r.name for r in free if r.input in fixed_inputs}

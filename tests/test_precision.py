@@ -9,7 +9,7 @@ import torch
 
 from dfq.cli import main
 from dfq.pipeline.calibrate import calibrate
-from dfq.pipeline.mixed_precision import average_bits, choose_precision
+from dfq.pipeline.mixed_precision import average_bits, check_budget, choose_precision, fixed_layers_bits
 from dfq.pipeline.quantize import Precision, input_quantizer_of, layer_nodes, quantize
 from dfq.pipeline.sensitivity import LayerSensitivity, layer_sensitivity
 from tests.tiny import qconfig, tiny_images, tiny_resnet
@@ -85,8 +85,15 @@ def test_mixed_precision_is_the_best_choice_within_the_budget(budget):
 
 
 def test_mixed_budget_below_the_fixed_layers_is_refused():
-    with pytest.raises(ValueError, match="already exceed"):
-        choose_precision(_rows(), Precision(4, 4), avg_weight_bits=4.0, avg_act_bits=4.0, fixed_8bit={"l0", "l1"})
+    rows = _rows()
+    costs = {r.name: (r.params, r.macs) for r in rows}
+    w, a = fixed_layers_bits(costs, {"l0", "l1"}, Precision(4, 4))
+    assert 4.0 < w < 8.0 and 4.0 < a < 8.0
+    with pytest.raises(ValueError, match=r"\(l0, l1\), with every other layer at W4A4, already average W"):
+        choose_precision(rows, Precision(4, 4), avg_weight_bits=4.0, avg_act_bits=8.0, fixed_8bit={"l0", "l1"})
+    with pytest.raises(ValueError, match="above the budget W8A4"):
+        check_budget(costs, {"l0", "l1"}, Precision(4, 4), avg_weight_bits=8.0, avg_act_bits=4.0)
+    check_budget(costs, {"l0", "l1"}, Precision(4, 4), avg_weight_bits=w, avg_act_bits=a)    # exactly enough
 
 
 def test_layer_sensitivity_measures_each_layer_alone():
@@ -137,3 +144,16 @@ def test_cli_rejects_a_budget_outside_the_precisions(tmp_path, capsys):
     assert code == 2 and "--mixed-budget W5A5 must lie between" in capsys.readouterr().err
     code = main([str(tmp_path / "m.pth"), "--bits", "W4A8", "--out", str(tmp_path / "x.onnx"), "--mixed-budget", "5"])
     assert code == 2 and "WxAy" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_budget_the_kept_layers_exceed_before_synthesis(tmp_path, capsys):
+    # ResNet-20 at W4A4 with conv1 and the linear layer at 8 bits averages about W4.016A4.044
+    out = tmp_path / "m.onnx"
+    code = main([str(_checkpoint(tmp_path)), "--bits", "4", "--mixed-budget", "W4.01A4.01", "--out", str(out),
+                 "--threads", "1", "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "the layers kept at 8 bits (conv1, linear)" in captured.err
+    assert "--keep-8bit none" in captured.err and "above the budget W4.01A4.01" in captured.err
+    assert "synthesizing" not in captured.out                         # refused before the expensive stages
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resnet20-mp.pth"]
