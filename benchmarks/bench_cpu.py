@@ -7,13 +7,14 @@ and OpenVINO in one run, through the real ``dfq-bench`` command.
 
 Artifacts are built here (quantizers calibrated on seeded noise: scales do not change latency;
 the accuracy benchmarks use the real pipeline). Each ``dfq-bench`` JSON is kept under
-``results/bench_cpu/`` (usable as a ``--baseline``) and its records are merged into
+``results/bench_cpu/<cpu>/`` (usable as a ``--baseline``) and its records are merged into
 ``results/bench_cpu.json`` with a Markdown table.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -29,10 +30,23 @@ sys.path.insert(0, str(HERE))
 from common import merge_records, write_markdown  # noqa: E402
 from latency import build_model  # noqa: E402
 
+from dfq.common.provenance import machine_info  # noqa: E402
 from dfq.export.onnx_export import export_onnx  # noqa: E402
 from dfq.pipeline.calibrate import calibrate  # noqa: E402
 from dfq.export.targets import get_target  # noqa: E402
 from dfq.pipeline.quantize import quantize  # noqa: E402
+
+
+def cpu_label(machine: dict) -> str:
+    """The processor and its int8 instructions, e.g. ``Intel(R) Xeon(R) Processor avx512_vnni+amx_int8``:
+    part of each record's key, so runs on different machines stand side by side."""
+    flags = machine.get("cpu_flags") or []
+    isa = "+".join(f for f in ("avx512_vnni", "amx_int8") if f in flags) or "no-vnni"
+    return f"{machine.get('cpu') or 'unknown CPU'} {isa}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def _bench_one(name, weights, model, calib, target, bits, args, tmp: Path, out_dir: Path, records) -> int:
@@ -57,7 +71,7 @@ def _bench_one(name, weights, model, calib, target, bits, args, tmp: Path, out_d
     result = json.loads(json_path.read_text())
     machine = result.get("machine") or {}
     flags = machine.get("cpu_flags") or []
-    cpu = "+".join(f for f in ("avx512_vnni", "amx_int8") if f in flags) or "no-vnni"
+    cpu = cpu_label(machine)
     for r in result["records"]:
         records.append({"kind": "latency", "model": name, "weights": weights, "bits": f"W{bits}A{bits}",
                         "target": target, **r, "cpu": cpu, "peer": None, "peer_speedup": None,
@@ -76,7 +90,7 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", nargs="+", default=["onnxruntime"], help="artifact flavours to build")
     ap.add_argument("--backends", nargs="+", default=["onnxruntime-cpu", "openvino"])
     args = ap.parse_args(argv)
-    out_dir = HERE / "results" / "bench_cpu"
+    out_dir = HERE / "results" / "bench_cpu" / _slug(cpu_label(machine_info()))
     out_dir.mkdir(parents=True, exist_ok=True)
     records = []
     for name in args.models:
@@ -89,7 +103,7 @@ def main(argv=None) -> int:
                     if rc:
                         return rc
     merged = merge_records(HERE / "results" / "bench_cpu.json", records,
-                           key=("model", "bits", "target", "backend", "batch", "threads"))
+                           key=("model", "bits", "target", "backend", "batch", "threads", "cpu"))
     write_markdown(HERE / "results" / "bench_cpu.md", merged,
                    ["model", "weights", "bits", "target", "backend", "batch", "threads", "fp_ms", "int_ms", "speedup",
                     "cpu", "commit"], "dfq-bench on the CPU: quantized ONNX vs its FP32 ONNX, same process, interleaved")
