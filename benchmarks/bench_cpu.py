@@ -70,7 +70,6 @@ def _bench_one(name, weights, model, calib, target, bits, args, tmp: Path, out_d
         return proc.returncode
     result = json.loads(json_path.read_text())
     machine = result.get("machine") or {}
-    flags = machine.get("cpu_flags") or []
     cpu = cpu_label(machine)
     for r in result["records"]:
         records.append({"kind": "latency", "model": name, "weights": weights, "bits": f"W{bits}A{bits}",
