@@ -40,10 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="artifact flavour; fixes activation grids and Q/DQ placement (default: tensorrt for an "
                         ".engine/.plan output, else onnxruntime)")
     p.add_argument("--out", required=False, help="output .onnx, or .engine/.plan (the .onnx is written beside it)")
-    p.add_argument("--method", default="acq",
-                   help="data-free method: acq (default), gdfq, dsg, clusterq, ddaq, bns-ft (fine-tune on BN-inversion "
-                        "images) or bns (BN inversion and calibration only, no fine-tuning)")
+    p.add_argument("--method",
+                   help="data-free method (default: recon below W8A8, acq at W8A8): recon (BN inversion, then "
+                        "layer-wise learned rounding), acq, acq-recon (recon, then acq fine-tuning), gdfq, dsg, "
+                        "clusterq, ddaq, bns-ft (fine-tune on BN-inversion images) or bns (BN inversion and "
+                        "calibration only)")
     p.add_argument("--steps", type=int, help="fine-tuning steps (default: set by --budget)")
+    p.add_argument("--recon-iters", type=int,
+                   help="recon/acq-recon: learned-rounding iterations per layer (default: set by --budget)")
     p.add_argument("--batch", type=int, help="fine-tuning batch per process (default: set by --budget)")
     p.add_argument("--synth-images", type=int, help="number of BN-inversion images (default: set by --budget)")
     p.add_argument("--synth-steps", type=int, help="optimisation steps per BN-inversion batch (default: set by --budget)")
@@ -102,8 +106,8 @@ def _mixed_budget(text: str | None) -> tuple[float, float] | None:
 def job_from_args(args: argparse.Namespace) -> ExportJob:
     """The :class:`ExportJob` the command line asks for (usage errors raised here)."""
     for flag, value in (("--batch", args.batch), ("--synth-images", args.synth_images),
-                        ("--synth-steps", args.synth_steps)):
-        least = {"--batch": 2, "--synth-images": 16, "--synth-steps": 1}[flag]
+                        ("--synth-steps", args.synth_steps), ("--recon-iters", args.recon_iters)):
+        least = {"--batch": 2, "--synth-images": 16, "--synth-steps": 1, "--recon-iters": 1}[flag]
         if value is not None and value < least:
             why = (" (8 images are held out to choose the calibration, at least 8 calibrate)"
                    if flag == "--synth-images" else "")
@@ -129,7 +133,8 @@ def job_from_args(args: argparse.Namespace) -> ExportJob:
                     bias_correction=not args.no_bias_correction, keep_8bit=_layer_policy(args.keep_8bit),
                     force=args.force, threads=args.threads,
                     latency_batches=tuple(args.latency_batches or (1,)), progress=not args.no_progress,
-                    synth_overrides=synth, finetune_overrides=tune)
+                    synth_overrides=synth, finetune_overrides=tune,
+                    reconstruct_overrides={} if args.recon_iters is None else {"iterations": args.recon_iters})
     return job
 
 

@@ -11,7 +11,7 @@ from dfq.common.errors import OutputError, UsageError
 from dfq.common.files import remove_orphaned_temporaries
 from dfq.export.targets import engine_target, get_target, target_names
 from dfq.pipeline.quantize import Precision
-from dfq.pipeline.recipes import DEFAULT_METHOD, RECIPES
+from dfq.pipeline.recipes import RECIPES, default_method
 
 BUDGETS = ("fast", "default", "long")
 METHODS = tuple(RECIPES)
@@ -30,7 +30,7 @@ class ExportJob:
     act_bits: int | None = None           # bits of the activations conv/linear layers read; None: bits
     # None: the engine target (tensorrt) for an engine output (.engine/.plan), else onnxruntime
     target: str | None = None
-    method: str = DEFAULT_METHOD
+    method: str | None = None             # None: default_method of the precision (recon below W8A8, else acq)
     steps: int | None = None              # fine-tuning steps (default: the budget's)
     resume: bool = False                  # continue the fine-tuning checkpoint of an interrupted run
     checkpoint: str | None = None         # default: <out stem>.finetune.ckpt beside the ONNX
@@ -82,6 +82,9 @@ class ExportJob:
             raise UsageError(f"--out {self.out} asks for a TensorRT engine, but --target {self.target} makes an ONNX that "
                              f"TensorRT cannot build. Drop --target (an engine output selects the {engine_target().name} "
                              "flavour) or write a .onnx.")
+        named_method = self.method is not None
+        if not named_method:
+            self.method = default_method(precision.weights, precision.activations)
         if self.method not in METHODS:
             raise UsageError(f"--method {self.method!r} is not available: choose from {', '.join(METHODS)}.")
         if self.budget not in BUDGETS:
@@ -95,8 +98,13 @@ class ExportJob:
         if self.steps is not None and self.steps < 1:
             raise UsageError("--steps must be at least 1.")
         if (self.steps is not None or self.resume) and not RECIPES[self.method].trains:
-            raise UsageError(f"--method {self.method} does not fine-tune, so --steps/--resume do not apply; "
-                             "choose a fine-tuning method (e.g. --method acq).")
+            chosen = f"--method {self.method}" if named_method else f"{precision}'s default method, {self.method},"
+            raise UsageError(f"{chosen} does not fine-tune, so --steps/--resume do not apply; "
+                             "choose a fine-tuning method (e.g. --method acq, or acq-recon to fine-tune after "
+                             "the reconstruction).")
+        if self.reconstruct_overrides and not RECIPES[self.method].reconstruct:
+            raise UsageError(f"--method {self.method} does not reconstruct, so --recon-iters does not apply; "
+                             "choose recon or acq-recon.")
 
     # -- output paths ------------------------------------------------------------------------
     @property

@@ -15,6 +15,10 @@ SCHEMA = "dfq-export/2"
 # ResNet-20 artifacts agree 99.82% (W8A8) and 99.92% (W4A4) with the OpenVINO reference on 10,000
 # images; what is left is the runtime's own float32 arithmetic, which no reference reproduces.
 CROSS_CHECK_WARN = 0.995
+# Below this top-1 agreement of the exported model with the FP model, a cross-check's disagreements
+# may be near-ties rather than a modelling gap (ResNet-20 on CIFAR-10: 98% at W8A8, 88% at W4A4; a
+# random-weight resnet18 at W4A4 on 16 synthetic images: 50%).
+FRAGILE_ANSWERS = 0.75
 
 
 def to_json(record: dict) -> bytes:
@@ -133,9 +137,7 @@ class ExportReport:
                              + (f" (with the float fake-quant model {100 * c['agreement_float_fakequant']:.2f}%)"
                                 if "agreement_float_fakequant" in c else ""))
                 if c["agreement"] < CROSS_CHECK_WARN:
-                    lines.append(f"[dfq] WARNING: on {name} the artifact's answers differ from its reference on "
-                                 f"{100 * (1 - c['agreement']):.2f}% of the images (measured on ResNet-20: 0.08-0.18%): "
-                                 f"that runtime computes something the reference does not model")
+                    lines.append(_cross_check_warning(name, c, f))
         if "top1_fp" in f:
             lines.append(f"[dfq] top-1: FP {100 * f['top1_fp']:.2f}%  exported {100 * f['top1_int']:.2f}%  "
                          f"(drop {f['top1_drop_points']:.2f} points)")
@@ -146,6 +148,20 @@ class ExportReport:
                 lines.append(_slower_warning(lat, self.quant["target"]))
         lines.append(f"[dfq] report: {self.outputs['report']} and {self.outputs['markdown']} ({self.wall_s:.0f} s)")
         return lines
+
+
+def _cross_check_warning(name: str, c: dict, f: dict) -> str:
+    """The console line for a runtime whose answers differ from its reference on too many images.
+    When the exported model's own top-1 often differs from the FP model's, many images sit near a
+    decision boundary and any difference in arithmetic flips answers: said so."""
+    text = (f"[dfq] WARNING: on {name} the artifact's answers differ from its reference on "
+            f"{100 * (1 - c['agreement']):.2f}% of the images (measured on ResNet-20: 0.08-0.18%): "
+            "that runtime computes something the reference does not model")
+    if f.get("agreement_with_fp", 1.0) < FRAGILE_ANSWERS:
+        text += (f"; or this model's answers are fragile: the exported model itself agrees with the FP model on "
+                 f"only {100 * f['agreement_with_fp']:.2f}% of them, so small differences in arithmetic flip answers "
+                 "(nearly flat logits, as random weights give, or a large quantization error)")
+    return text
 
 
 def _slower_warning(lat: dict, target: str) -> str:

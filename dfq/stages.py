@@ -264,7 +264,7 @@ def quantize_stage(run: Run, inputs: Inputs, data: SyntheticData, sensitivity: S
         qmodel = quantize(inputs.loaded.model, config, data.calib[:2])
         result = calibrate(qmodel, data.calib, holdout=data.holdout, seed=job.seed)
         fp_twin = float_graph(qmodel)
-    run.log(f"[dfq] {config.name} for {run.target.name}: {len(qmodel.layer_bits)} layers, "
+    run.log(f"[dfq] {config.name} for {run.target.name}, method {job.method}: {len(qmodel.layer_bits)} layers, "
             f"{result.num_quantizers} activation quantizers, calibration '{result.method}'")
     fp_holdout = None
     if run.recipe.trains or run.recipe.reconstruct or job.bias_correction:
@@ -281,8 +281,10 @@ def reconstruct_stage(run: Run, data: SyntheticData, q: Quantized) -> dict | Non
     if not run.recipe.reconstruct:
         return None
     cfg = ReconstructConfig.for_budget(run.job.budget, data.images.shape[1:], seed=run.job.seed)
-    if run.job.reconstruct_overrides:
-        cfg = dataclasses.replace(cfg, **run.job.reconstruct_overrides)
+    overrides = dict(run.job.reconstruct_overrides)
+    if "iterations" in overrides:
+        overrides.setdefault("lr", None)      # the step size follows the new schedule length (3 / iterations)
+    cfg = dataclasses.replace(cfg, **overrides)
     kl_before = heldout_kd(q.qmodel, data.holdout, q.fp_holdout)
     saved = {k: v.detach().clone() for k, v in q.qmodel.module.state_dict().items()}
     run.log(f"[dfq] reconstructing the rounding of every layer below 8 bits: {cfg.iterations} iterations of "

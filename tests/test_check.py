@@ -91,3 +91,13 @@ def test_a_cross_check_is_compared_with_its_own_reference():
     assert explained["agreement"] == 1.0 and explained["reference"] == "a reference that models it"
     assert explained["agreement_float_fakequant"] == pytest.approx(1 - wrong)
     assert out["agreement_explained"] == 1.0 and out["agreement"] == 1.0
+
+
+def test_cross_check_warning_names_fragile_answers():
+    from dfq.report import _cross_check_warning
+
+    c = {"agreement": 0.5, "reference": "r"}
+    fragile = _cross_check_warning("openvino", c, {"agreement_with_fp": 0.5})
+    assert "differ from its reference on 50.00%" in fragile and "fragile" in fragile and "only 50.00%" in fragile
+    trained = _cross_check_warning("openvino", c, {"agreement_with_fp": 0.98})
+    assert "differ from its reference on 50.00%" in trained and "fragile" not in trained

@@ -11,7 +11,7 @@ from dfq.cli import main
 from dfq.export.rules import tensorrt_violations
 from dfq.export.tensorrt import tensorrt_status
 
-TINY_BUDGET = ["--synth-images", "16", "--synth-steps", "1", "--steps", "2", "--batch", "2", "--threads", "2",
+TINY_BUDGET = ["--synth-images", "16", "--synth-steps", "1", "--recon-iters", "2", "--threads", "2",
                "--no-progress"]
 
 
@@ -29,6 +29,7 @@ def test_mission_command_writes_a_tensorrt_valid_onnx(tmp_path, monkeypatch, cap
     assert all(n.op_type != "SpaceToDepth" for n in model.graph.node)
     report = json.loads((tmp_path / "r18.report.json").read_text())
     assert report["quant"]["target"] == "tensorrt" and report["rule_violations"] == []
+    assert report["job"]["method"] == "recon" and report["reconstruction"]["config"]["iterations"] == 2
     assert not (tmp_path / "r18.finetune.ckpt").exists()
     if not trt_here:
         # the printed command builds that very file, with the input shapes TensorRT needs

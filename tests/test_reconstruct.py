@@ -116,3 +116,44 @@ def test_block_reconstruction_bakes_grid_codes_and_lowers_the_output_error():
     # the block's activation quantizers are back in place
     assert all(type(m).__name__ == "ActQuantizer" for m in qm.act_quantizers().values())
     assert _logit_mse(qm, model, images) < before
+
+
+def test_default_method_follows_the_precision():
+    from dfq.job import ExportJob
+    from dfq.pipeline.recipes import default_method
+
+    assert default_method(8, 8) == "acq" and default_method(4, 4) == default_method(4, 8) == "recon"
+    job = lambda **kw: ExportJob(model="m.pth", out="x.onnx", **kw)  # noqa: E731
+    assert job(bits=8).method == "acq" and job(bits=4).method == "recon"
+    assert job(bits=4, act_bits=8).method == "recon" and job(bits=4, method="acq").method == "acq"
+
+
+def test_cli_names_the_default_method_when_an_option_does_not_apply(tmp_path, capsys):
+    from dfq.cli import main
+
+    out = tmp_path / "x.onnx"
+    assert main(["m.pth", "--bits", "4", "--steps", "10", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "W4A4's default method, recon, does not fine-tune" in err and "--method acq" in err
+    assert main(["m.pth", "--bits", "8", "--method", "bns", "--recon-iters", "5", "--out", str(out)]) == 2
+    assert "--recon-iters does not apply" in capsys.readouterr().err
+    assert main(["m.pth", "--bits", "4", "--recon-iters", "0", "--out", str(out)]) == 2
+    assert "--recon-iters 0 is too small" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_low_bits_default_to_recon_with_its_iterations(tmp_path):
+    import json
+
+    from dfq.cli import main
+    from dfq.pipeline.models import get_spec
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "resnet20-default.pth"
+    torch.save(get_spec("resnet20").build().state_dict(), ckpt)
+    assert main([str(ckpt), "--bits", "4", "--budget", "fast", "--synth-images", "24", "--synth-steps", "2",
+                 "--recon-iters", "5", "--threads", "1", "--no-progress", "--out", str(tmp_path / "r.onnx")]) == 0
+    report = json.loads((tmp_path / "r.report.json").read_text())
+    assert report["job"]["method"] == "recon" and not report["finetune"]["ran"]
+    cfg = report["reconstruction"]["config"]
+    assert cfg["iterations"] == 5 and abs(cfg["lr"] - 3 / 5) < 1e-12      # the step size follows the schedule
