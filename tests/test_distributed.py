@@ -124,3 +124,23 @@ def test_torchrun_cli_run_only_rank0_writes(tmp_path):
     rep = json.loads((out / "m.report.json").read_text())
     assert rep["finetune"]["processes"] == 2 and rep["finetune"]["global_batch"] == 8
     assert proc.stdout.count("[dfq] wrote") == 1      # one summary: rank 0's
+
+
+def test_torchrun_low_bits_default_recon_runs_on_every_rank(tmp_path):
+    """The default method below W8A8 (recon) under torchrun: synthesis split over the ranks, the
+    reconstruction run by each rank on the gathered images, rank 0 alone writing."""
+    from dfq.pipeline.models import get_spec
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "resnet20-dist.pth"
+    torch.save(get_spec("resnet20").build().state_dict(), ckpt)
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
+           str(ckpt), "--bits", "4", "--budget", "fast", "--synth-images", "16", "--synth-steps", "1",
+           "--recon-iters", "3", "--out", str(tmp_path / "out" / "m.onnx"), "--threads", "1", "--no-progress"]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rep = json.loads((tmp_path / "out" / "m.report.json").read_text())
+    assert rep["job"]["method"] == "recon" and rep["reconstruction"]["config"]["iterations"] == 3
+    assert proc.stdout.count("[dfq] wrote") == 1
