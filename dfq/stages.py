@@ -281,10 +281,7 @@ def reconstruct_stage(run: Run, data: SyntheticData, q: Quantized) -> dict | Non
     if not run.recipe.reconstruct:
         return None
     cfg = ReconstructConfig.for_budget(run.job.budget, data.images.shape[1:], seed=run.job.seed)
-    overrides = dict(run.job.reconstruct_overrides)
-    if "iterations" in overrides:
-        overrides.setdefault("lr", None)      # the step size follows the new schedule length (3 / iterations)
-    cfg = dataclasses.replace(cfg, **overrides)
+    cfg = dataclasses.replace(cfg, **run.job.reconstruct_overrides)
     kl_before = heldout_kd(q.qmodel, data.holdout, q.fp_holdout)
     saved = {k: v.detach().clone() for k, v in q.qmodel.module.state_dict().items()}
     run.log(f"[dfq] reconstructing the rounding of every layer below 8 bits: {cfg.iterations} iterations of "

@@ -69,10 +69,6 @@ class ReconstructConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        # Adam moves a variable by about lr per step: 3 / iterations lets any weight cross its
-        # rounding point (|V| <= 4.6 at the start) within the schedule, whatever its length
-        if self.lr is None:
-            self.lr = 3.0 / self.iterations
         if self.granularity not in ("layer", "block"):
             raise ValueError(f"reconstruction granularity must be 'layer' or 'block', not {self.granularity!r}")
 
@@ -84,8 +80,15 @@ class ReconstructConfig:
         iterations, batch = table[budget]
         return cls(iterations=iterations, batch=batch, crop=None if small else 16, seed=seed)
 
+    @property
+    def step_size(self) -> float:
+        """Adam's learning rate: ``lr``, or when it is None 3 / iterations. Adam moves a variable by about
+        lr per step, so 3 / iterations lets any weight cross its rounding point (|V| <= 4.6 at the
+        start) within the schedule, whatever its length (also after ``dataclasses.replace``)."""
+        return 3.0 / self.iterations if self.lr is None else self.lr
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "lr": self.step_size}
 
 
 @dataclass
@@ -244,7 +247,7 @@ class _Rounded:
 def _optimise(rounded: _Rounded, batch_loss, cfg: ReconstructConfig) -> tuple[float, float]:
     """Adam on the rounding variables: ``batch_loss(it)`` (the reconstruction error of one batch)
     plus the annealed rounding regulariser after the warm-up; returns (first, last) batch loss."""
-    opt = torch.optim.Adam([r.v for r in rounded.roundings], lr=cfg.lr)
+    opt = torch.optim.Adam([r.v for r in rounded.roundings], lr=cfg.step_size)
     first = last = None
     for it in range(cfg.iterations):
         rec = batch_loss(it)
