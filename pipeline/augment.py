@@ -3,7 +3,8 @@
 Each step sees the image batch through a fresh random augmentation, which keeps the images from
 fitting one pixel-exact view of the model: :func:`augment` moves the whole input (DeepInversion's
 jitter and flip), :func:`swing_convolutions` moves the input of each strided convolution on its own
-(Genie's swing convolution). Every draw comes from the caller's ``torch.Generator``.
+(Genie's swing convolution); :func:`initial_noise` is where the pixels start. Every draw comes
+from the caller's ``torch.Generator``.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["augment", "swing_convolutions"]
+__all__ = ["augment", "swing_convolutions", "initial_noise", "INITS"]
 
 
 def augment(x: torch.Tensor, jitter: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
@@ -56,3 +57,27 @@ def swing_convolutions(model: nn.Module, gen: torch.Generator):
     finally:
         for h in handles:
             h.remove()
+
+
+INITS = ("white", "pink")
+
+
+def initial_noise(n: int, chw: tuple[int, int, int], kind: str, gen: torch.Generator) -> torch.Tensor:
+    """The images BN inversion starts from, ``[n, C, H, W]``, zero mean and unit variance per pixel.
+
+    ``white``: independent N(0, 1) pixels. ``pink``: the sum of N(0, 1) fields drawn at every octave
+    of the image side (1/2, 1/4, ... down to 4 pixels, and full size), each bilinearly upsampled, with
+    equal variance per octave, so that neighbouring pixels are correlated as in natural images (whose
+    power falls as 1/f) instead of starting as independent noise that a few hundred steps cannot
+    remove."""
+    c, h, w = chw
+    if kind == "white":
+        return torch.randn((n, c, h, w), generator=gen, dtype=torch.float32)
+    fields, side = [torch.randn((n, c, h, w), generator=gen, dtype=torch.float32)], min(h, w)
+    while side // 2 >= 4:
+        side //= 2
+        low = torch.randn((n, c, max(1, h * side // min(h, w)), max(1, w * side // min(h, w))),
+                          generator=gen, dtype=torch.float32)
+        fields.append(F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False))
+    total = torch.stack([f / f.std() for f in fields]).sum(0)
+    return total / total.std()

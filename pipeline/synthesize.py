@@ -5,13 +5,15 @@ Gaussian noise ``x`` in the model's normalised input space and optimise the pixe
 that, layer by layer, the batch statistics of every BatchNorm input match that layer's running
 statistics, while the FP model classifies each image as a chosen target label::
 
-    L(x) = bn_weight * BNS(x) + ce_weight * CE(f(x~), y) + tv_weight * TV(x~) + l2_weight * mean(x~^2)
+    L(x) = bn_weight * (BNS(x) + (first_bn_weight - 1) * BNS_1(x)) + ce_weight * CE(f(x~), y)
+           + tv_weight * TV(x~) + l2_weight * mean(x~^2)      (BNS_1: the first BN layer's term)
 
 ``x~`` is ``x`` after a random augmentation drawn anew each step (a circular shift by up to
 ``jitter`` pixels in each direction and a random horizontal flip of the whole batch, as in
 DeepInversion), which keeps the images from over-fitting pixel-exact patterns. After every step
 the pixels are clamped to the box that RGB values in ``[0, 1]`` map to under the model's input
-normalisation, so the images are always decodable.
+normalisation. Pixels start from ``init`` noise (:func:`initial_noise`); for the first ``coarse``
+fraction of the steps the model sees them average-pooled 2x2 (DeepInversion's multi-resolution).
 
 The pieces are reusable by the generative methods that come later:
 
@@ -39,13 +41,14 @@ from torch import nn
 
 from dfq.common import distributed as D
 from dfq.common.progress import progress as progress_bar
-from dfq.pipeline.augment import augment, swing_convolutions
+from dfq.pipeline.augment import INITS, augment, initial_noise, swing_convolutions
 from dfq.pipeline.losses import bn_stats_distance
 from dfq.pipeline.models import is_small_input
 
 __all__ = [
     "SynthConfig", "BNStatsHook", "synthesize", "synthesize_batches", "target_labels",
     "pixel_bounds", "total_variation", "augment", "evaluate_synthetic", "batch_mean_var", "swing_convolutions",
+    "initial_noise",
 ]
 
 Budget = Literal["fast", "default", "long"]
@@ -66,7 +69,7 @@ class SynthConfig:
     weight of 0 switches its term off (and skips computing it). ``jitter`` is the largest
     circular shift in pixels (0 = none); ``flip`` enables random horizontal flips; ``swing`` shifts
     the input of every strided convolution by a random pixel each step (:func:`swing_convolutions`).
-    """
+    ``first_bn_weight``, ``coarse``, ``init``: see the module docstring."""
 
     num_images: int
     batch_size: int
@@ -79,6 +82,9 @@ class SynthConfig:
     jitter: int = 0
     flip: bool = False
     swing: bool = False
+    first_bn_weight: float = 1.0
+    coarse: float = 0.0
+    init: str = "white"                 # white | pink
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -92,7 +98,7 @@ class SynthConfig:
                  f"{name} must be a positive integer, got {v!r}")
         need(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0,
              f"lr must be a positive finite number, got {self.lr!r}")
-        for name in ("bn_weight", "ce_weight", "tv_weight", "l2_weight"):
+        for name in ("bn_weight", "ce_weight", "tv_weight", "l2_weight", "first_bn_weight"):
             v = getattr(self, name)
             need(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
                  f"{name} must be a finite number >= 0, got {v!r}")
@@ -102,6 +108,8 @@ class SynthConfig:
              and self.jitter >= 0, f"jitter must be an integer >= 0, got {self.jitter!r}")
         need(isinstance(self.flip, bool), f"flip must be a bool, got {self.flip!r}")
         need(isinstance(self.swing, bool), f"swing must be a bool, got {self.swing!r}")
+        need(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
+        need(isinstance(self.coarse, (int, float)) and 0 <= self.coarse < 1, f"coarse must be in [0, 1), got {self.coarse!r}")
         need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
              f"seed must be an integer >= 0, got {self.seed!r}")
 
@@ -490,21 +498,24 @@ def _invert_batch(model: nn.Module, labels: torch.Tensor, chw: tuple[int, int, i
                   log: list[dict] | None) -> torch.Tensor:
     """Optimise one batch of pixels for ``cfg.steps`` Adam steps; return them detached."""
     n = labels.numel()
-    noise = torch.randn((n, *chw), generator=gen, dtype=torch.float32)
+    noise = initial_noise(n, chw, cfg.init, gen)
     x = torch.maximum(torch.minimum(noise.to(device=device, dtype=dtype), hi), lo)
     x.requires_grad_(True)
     y = labels.to(device)
     adam = _PixelAdam(x)
     lr_min = cfg.lr * 0.01
     swing = swing_convolutions(model, gen) if cfg.swing else contextlib.nullcontext()
+    coarse_steps = int(cfg.coarse * cfg.steps) if min(chw[1:]) >= 4 else 0  # pooling needs a 2x2 image
     with torch.enable_grad(), BNStatsHook(model) as hook, swing:
         for step in range(cfg.steps):
             lr = lr_min + (cfg.lr - lr_min) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
             x.grad = None
             xa = augment(x, cfg.jitter, cfg.flip, gen)
+            xa = F.avg_pool2d(xa, 2) if step < coarse_steps else xa
             logits = model(xa)
-            bns = hook.loss()
-            loss = cfg.bn_weight * bns
+            layer_bns = hook.layer_losses()
+            bns = layer_bns.sum()
+            loss = cfg.bn_weight * (bns + (cfg.first_bn_weight - 1) * layer_bns[0])
             ce = F.cross_entropy(logits, y) if cfg.ce_weight > 0 else logits.new_zeros(())
             loss = loss + cfg.ce_weight * ce
             tv = total_variation(xa) if cfg.tv_weight > 0 else logits.new_zeros(())

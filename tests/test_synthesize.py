@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from dfq.pipeline.augment import initial_noise
 from dfq.pipeline.synthesize import (BNStatsHook, SynthConfig, batch_mean_var,
                                      evaluate_synthetic, pixel_bounds, synthesize,
                                      swing_convolutions, synthesize_batches, target_labels,
@@ -320,13 +321,68 @@ def test_synthesize_with_swing_is_deterministic():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+# ------------------------------------------------------------------------------- image priors
+
+
+def neighbour_correlation(x: torch.Tensor) -> float:
+    a = x - x.mean(dim=(2, 3), keepdim=True)
+    return float((a[..., 1:, :] * a[..., :-1, :]).mean() / a.pow(2).mean())
+
+
+def test_initial_noise_white_and_pink():
+    g = torch.Generator().manual_seed(0)
+    white = initial_noise(4, (3, 64, 48), "white", g)
+    pink = initial_noise(4, (3, 64, 48), "pink", g)
+    assert white.shape == pink.shape == (4, 3, 64, 48)
+    assert abs(float(white.std()) - 1) < 0.05 and abs(float(pink.std()) - 1) < 1e-4
+    # independent pixels vs. correlated neighbours, as in natural images
+    assert abs(neighbour_correlation(white)) < 0.05
+    assert neighbour_correlation(pink) > 0.5
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(initial_noise(2, (3, 8, 8), "pink", g1), initial_noise(2, (3, 8, 8), "pink", g2))
+
+
+def test_first_bn_weight_scales_only_the_first_layer_term():
+    model = make_model()
+    logs = {}
+    for w in (1.0, 10.0):
+        logs[w] = []
+        run(model, cfg(num_images=8, steps=1, first_bn_weight=w, tv_weight=0.0, l2_weight=0.0, ce_weight=0.0),
+            log=logs[w])
+    one, ten = logs[1.0][0], logs[10.0][0]
+    assert one["bns"] == pytest.approx(ten["bns"])          # same images, same statistics at step 0
+    assert one["loss"] == pytest.approx(one["bns"])
+    # the extra 9 x the first BN layer's term, which is a part of the sum
+    assert one["bns"] < ten["loss"] < 10 * one["bns"]
+
+
+def test_coarse_steps_see_half_resolution():
+    model = make_model()
+    sizes = []
+    handle = model.conv1.register_forward_pre_hook(lambda m, inp: sizes.append(tuple(inp[0].shape[2:])))
+    try:
+        run(model, cfg(num_images=4, batch_size=4, steps=4, coarse=0.5))
+    finally:
+        handle.remove()
+    assert sizes == [(4, 4), (4, 4), (8, 8), (8, 8)]
+
+
+def test_image_priors_raise_neighbour_correlation():
+    model = make_model()
+    base = dict(num_images=8, batch_size=8, steps=20, lr=0.1, ce_weight=0.0, tv_weight=0.0, l2_weight=0.0)
+    plain, _ = run(model, cfg(**base))
+    smooth, _ = run(model, cfg(**{**base, "init": "pink", "tv_weight": 1.0}))
+    assert neighbour_correlation(smooth) > neighbour_correlation(plain) + 0.2
+
+
 # ------------------------------------------------------------------------------- SynthConfig
 
 
 @pytest.mark.parametrize("field,value", [
     ("num_images", 0), ("batch_size", -1), ("steps", 0), ("steps", 2.5), ("lr", 0.0),
     ("lr", float("nan")), ("bn_weight", -1.0), ("tv_weight", float("inf")), ("jitter", -1),
-    ("flip", 1), ("swing", 1), ("seed", -3),
+    ("flip", 1), ("swing", 1), ("seed", -3), ("first_bn_weight", -1.0), ("coarse", 1.0),
+    ("coarse", -0.1), ("init", "blue"),
 ])
 def test_config_validation(field, value):
     with pytest.raises(ValueError, match=field):
