@@ -1,6 +1,6 @@
 """torch.distributed for dfq: ``torchrun --nproc_per_node N -m dfq.cli ...`` runs data-parallel.
 
-What is distributed (see README "Several processes, GPUs or nodes"):
+What is distributed (see README "Several processes or nodes"):
 
 * BN-inversion synthesis: batch ``k`` runs on rank ``k % N`` (each batch is seeded by its index,
   so the gathered set equals the single-process one), then every rank holds all images.
@@ -13,8 +13,10 @@ What is distributed (see README "Several processes, GPUs or nodes"):
 * Rank 0 alone writes checkpoints, the ONNX files and the report; every rank reads the
   checkpoint on ``--resume``. The other ranks stop after fine-tuning.
 
-Backend: ``nccl`` when CUDA is available, else ``gloo`` (CPU). Without torchrun's environment
-(``WORLD_SIZE`` unset or 1) nothing here initialises anything and dfq runs single-process.
+Backend: ``gloo``, also on machines with CUDA: every tensor dfq synthesises, fine-tunes or gathers
+lives on the CPU, and ``nccl`` moves CUDA tensors only (with it, the first all-gather of CPU images
+fails, and two ranks on one GPU are refused). Without torchrun's environment (``WORLD_SIZE`` unset
+or 1) nothing here initialises anything and dfq runs single-process.
 """
 from __future__ import annotations
 
@@ -51,11 +53,9 @@ def init_from_env() -> DistInfo:
         return SINGLE
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "gloo"   # CPU tensors only (module docstring)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        if backend == "nccl":
-            torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend)
     return DistInfo(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, backend=backend)
 

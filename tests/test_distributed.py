@@ -144,3 +144,19 @@ def test_torchrun_low_bits_default_recon_runs_on_every_rank(tmp_path):
     rep = json.loads((tmp_path / "out" / "m.report.json").read_text())
     assert rep["job"]["method"] == "recon" and rep["reconstruction"]["config"]["iterations"] == 3
     assert proc.stdout.count("[dfq] wrote") == 1
+
+
+def test_backend_is_gloo_on_a_cuda_machine(monkeypatch):
+    """dfq's tensors live on the CPU: nccl (CUDA tensors only) would fail at the first all-gather."""
+    from dfq.common.distributed import init_from_env
+
+    called = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: called.setdefault("backend", backend))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    info = init_from_env()
+    assert called == {"backend": "gloo"} and info.backend == "gloo" and (info.rank, info.world) == (1, 2)
