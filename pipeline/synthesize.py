@@ -15,13 +15,8 @@ the pixels are clamped to the box that RGB values in ``[0, 1]`` map to under the
 normalisation. Pixels start from ``init`` noise (:func:`initial_noise`); for the first ``coarse``
 fraction of the steps the model sees them average-pooled 2x2 (DeepInversion's multi-resolution).
 
-The pieces are reusable by the generative methods that come later:
-
-* :class:`BNStatsHook` records, on every forward, the batch mean/variance of each
-  ``BatchNorm2d`` input (with gradient) and computes the statistic-matching loss; it also
-  exposes the per-layer terms and raw statistics for variants (slack margins, per-class stats).
-* :func:`total_variation`, :func:`target_labels`, :func:`pixel_bounds`, :func:`augment` are
-  plain functions.
+The generative methods reuse :class:`BNStatsHook` (per-forward batch statistics of every
+``BatchNorm2d`` input, with gradient, and the per-layer terms) and the plain functions here.
 
 Determinism: every random draw (init noise, label permutation, jitter, flips) comes from a
 ``torch.Generator`` on the CPU seeded from ``(config.seed, batch index)``; the global RNG is
@@ -32,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Iterator, Literal, Sequence
 
 import torch
@@ -130,9 +125,12 @@ class SynthConfig:
         The jitter is about 1/16 of the image side (2 px at 32x32, 14 px at 224x224).
 
         ``reconstruction``: the images are all a reconstruction recipe learns its roundings from.
-        On large inputs they then get :data:`_RECONSTRUCTION_STEPS_LARGE` steps: 50 steps leave
-        224x224 images far from converged, and a reconstruction on them generalises badly to real
-        images (README "Methods"). ``swing`` stays off: it did not help there (README "Methods").
+        On large inputs they then get :data:`_RECONSTRUCTION_STEPS_LARGE` steps (50 leave 224x224
+        images far from converged) and DeepInversion's priors, :data:`_RECONSTRUCTION_PRIORS_LARGE`:
+        pink-noise start, total variation, half the steps at half resolution (so the steps cost
+        about 5/8 of full-resolution ones) and a 10x weight on the first BN layer. Without them a
+        reconstruction on the images generalises badly to real images; ``swing`` did not help
+        (README "Methods").
         """
         if budget not in _BUDGETS_SMALL:
             raise ValueError(f"unknown synthesis budget {budget!r}; choose one of "
@@ -143,12 +141,12 @@ class SynthConfig:
         small = is_small_input(input_size)
         table = _BUDGETS_SMALL if small else _BUDGETS_LARGE
         n, bs, steps, lr = table[budget]
-        if reconstruction and not small:
+        priors = _RECONSTRUCTION_PRIORS_LARGE if reconstruction and not small else {}
+        if priors:
             steps = _RECONSTRUCTION_STEPS_LARGE[budget]
-        jitter = max(1, min(h, w) // 16)
-        return cls(num_images=n, batch_size=bs, steps=steps, lr=lr, bn_weight=1.0,
-                   ce_weight=0.05, tv_weight=0.0, l2_weight=0.0, jitter=jitter, flip=True,
-                   seed=seed)
+        return replace(cls(num_images=n, batch_size=bs, steps=steps, lr=lr, bn_weight=1.0, ce_weight=0.05,
+                           tv_weight=0.0, l2_weight=0.0, jitter=max(1, min(h, w) // 16), flip=True,
+                           seed=seed), **priors)
 
 
 # (num_images, batch_size, steps, lr) -- see for_budget.
@@ -163,7 +161,8 @@ _BUDGETS_LARGE: dict[str, tuple[int, int, int, float]] = {
     "long": (256, 32, 400, 0.2),
 }
 # Steps per batch of large inputs for reconstruction recipes (the rest of the row as above).
-_RECONSTRUCTION_STEPS_LARGE: dict[str, int] = {"fast": 200, "default": 300, "long": 600}
+_RECONSTRUCTION_STEPS_LARGE: dict[str, int] = {"fast": 300, "default": 450, "long": 900}
+_RECONSTRUCTION_PRIORS_LARGE: dict = {"init": "pink", "tv_weight": 1000.0, "coarse": 0.5, "first_bn_weight": 10.0}
 
 
 # --------------------------------------------------------------------------------------------

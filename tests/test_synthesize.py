@@ -403,12 +403,13 @@ def test_for_budget(budget):
     assert small.to_dict()["method"] == "bns"
     assert SynthConfig(**{k: v for k, v in small.to_dict().items() if k != "method"}) == small
     assert dataclasses.replace(small, num_images=5).num_images == 5
-    # reconstruction recipes: longer-optimised images on large inputs only
+    # reconstruction recipes: longer-optimised images with DeepInversion's priors, large inputs only
     recon_small = SynthConfig.for_budget(budget, (3, 32, 32), seed=3, reconstruction=True)
     recon_large = SynthConfig.for_budget(budget, (3, 224, 224), reconstruction=True)
     assert recon_small == small
     assert recon_large.steps > large.steps
-    assert recon_large == dataclasses.replace(large, steps=recon_large.steps)
+    priors = dict(init="pink", tv_weight=1000.0, coarse=0.5, first_bn_weight=10.0)
+    assert recon_large == dataclasses.replace(large, steps=recon_large.steps, **priors)
     assert recon_large.num_images == large.num_images
 
 
