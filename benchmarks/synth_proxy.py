@@ -1,13 +1,15 @@
 """How good are BN-inversion images for the low-bit reconstruction? A proxy, not an export.
 
 EfficientNet-Lite0 W4A8 (onnxruntime target's scheme): synthesize the reconstruction recipe's fast
-image set with ``SynthConfig`` overrides, reconstruct every 4-bit layer for ``--iters`` iterations,
-score the fake-quant model's top-1 on 520 evenly spaced real images of ``../shared``. Also records
+image set (DeepInversion's priors included) with ``SynthConfig`` overrides, reconstruct every 4-bit
+layer for ``--iters`` iterations, score the fake-quant model's top-1 on 520 evenly spaced real
+images of ``../shared``. Also records
 what the images look like: the FP model's mean confidence and target-class hits, the neighbour
 correlation of the pixels (real images: about 0.93) and the summed BN-statistics loss.
 
-    python benchmarks/synth_proxy.py --name di_all \\
-        --synth '{"init": "pink", "tv_weight": 1000, "coarse": 0.5, "steps": 300, "first_bn_weight": 10}'
+    python benchmarks/synth_proxy.py --name default                  # the recipe's images as they are
+    python benchmarks/synth_proxy.py --name plain \\
+        --synth '{"init": "white", "tv_weight": 0, "coarse": 0, "steps": 200, "first_bn_weight": 1}'
 
 About 37 minutes on one thread. Records: ``benchmarks/results/synth_proxy.{json,md}``.
 """
