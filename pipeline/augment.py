@@ -3,8 +3,9 @@
 Each step sees the image batch through a fresh random augmentation, which keeps the images from
 fitting one pixel-exact view of the model: :func:`augment` moves the whole input (DeepInversion's
 jitter and flip), :func:`swing_convolutions` moves the input of each strided convolution on its own
-(Genie's swing convolution); :func:`initial_noise` is where the pixels start. Every draw comes
-from the caller's ``torch.Generator``.
+(Genie's swing convolution); :func:`initial_noise` is where the pixels start and
+:class:`ImageParam` the variable the optimiser moves (the pixels, or their spectrum). Every draw
+comes from the caller's ``torch.Generator``.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["augment", "swing_convolutions", "initial_noise", "INITS"]
+__all__ = ["augment", "swing_convolutions", "initial_noise", "INITS", "ImageParam", "PARAMS"]
 
 
 def augment(x: torch.Tensor, jitter: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
@@ -81,3 +82,50 @@ def initial_noise(n: int, chw: tuple[int, int, int], kind: str, gen: torch.Gener
         fields.append(F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False))
     total = torch.stack([f / f.std() for f in fields]).sum(0)
     return total / total.std()
+
+
+PARAMS = ("pixel", "spectrum")
+
+
+class ImageParam:
+    """The variable BN inversion optimises, and the images ``[n, C, H, W]`` it stands for.
+
+    ``pixel``: the pixels themselves. ``spectrum``: the 2-D real FFT of the images (orthonormal),
+    divided by ``1 / f`` (``f`` the spatial frequency in cycles per pixel, at least ``1 / max(H, W)``;
+    the scale normalised to a mean square of 1), so that ``images = irfft2(spectrum * scale)``. The
+    map is linear and invertible, so both hold the same images; what differs is the optimiser's step:
+    Adam moves every coordinate of its variable by about the learning rate, which in pixel space is
+    independent noise per pixel and in the scaled spectrum a 1/f ("pink") field, the correlation of
+    natural images (neighbouring pixels of a step correlate about 0.8 at 224x224 instead of 0).
+    This is the decorrelated parametrisation of feature visualisation (Olah et al., Distill 2017).
+    :meth:`project` clamps the images to a box and maps them back."""
+
+    def __init__(self, images: torch.Tensor, kind: str = "pixel") -> None:
+        if kind not in PARAMS:
+            raise ValueError(f"image parametrisation must be one of {PARAMS}, got {kind!r}")
+        self.kind, self.size = kind, tuple(images.shape[2:])
+        if kind == "pixel":
+            self.scale = None
+            self.tensor = images.detach().clone()
+        else:
+            h, w = self.size
+            f = torch.sqrt(torch.fft.fftfreq(h)[:, None] ** 2 + torch.fft.rfftfreq(w)[None, :] ** 2)
+            scale = 1.0 / f.clamp_min(1.0 / max(h, w))
+            self.scale = (scale / scale.pow(2).mean().sqrt()).to(images.device, images.dtype)
+            self.tensor = self._to_spectrum(images.detach())
+        self.tensor.requires_grad_(True)
+
+    def _to_spectrum(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.view_as_real(torch.fft.rfft2(x, norm="ortho") / self.scale).contiguous()
+
+    def images(self) -> torch.Tensor:
+        """The images (differentiable with respect to :attr:`tensor`)."""
+        if self.scale is None:
+            return self.tensor
+        return torch.fft.irfft2(torch.view_as_complex(self.tensor) * self.scale, s=self.size, norm="ortho")
+
+    @torch.no_grad()
+    def project(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Clamp the images to ``[lo, hi]`` (broadcast per channel), in place."""
+        x = torch.maximum(torch.minimum(self.images(), hi), lo)
+        self.tensor.copy_(x if self.scale is None else self._to_spectrum(x))

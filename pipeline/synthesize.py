@@ -14,6 +14,9 @@ DeepInversion), which keeps the images from over-fitting pixel-exact patterns. A
 the pixels are clamped to the box that RGB values in ``[0, 1]`` map to under the model's input
 normalisation. Pixels start from ``init`` noise (:func:`initial_noise`); for the first ``coarse``
 fraction of the steps the model sees them average-pooled 2x2 (DeepInversion's multi-resolution).
+Adam moves the pixels themselves (``param="pixel"``) or their 1/f-scaled spectrum
+(``param="spectrum"``, :class:`~dfq.pipeline.augment.ImageParam`), which makes every step a
+smooth field instead of per-pixel noise.
 
 The generative methods reuse :class:`BNStatsHook` (per-forward batch statistics of every
 ``BatchNorm2d`` input, with gradient, and the per-layer terms) and the plain functions here.
@@ -36,7 +39,7 @@ from torch import nn
 
 from dfq.common import distributed as D
 from dfq.common.progress import progress as progress_bar
-from dfq.pipeline.augment import INITS, augment, initial_noise, swing_convolutions
+from dfq.pipeline.augment import INITS, PARAMS, ImageParam, augment, initial_noise, swing_convolutions
 from dfq.pipeline.losses import bn_stats_distance
 from dfq.pipeline.models import is_small_input
 
@@ -80,6 +83,7 @@ class SynthConfig:
     first_bn_weight: float = 1.0
     coarse: float = 0.0
     init: str = "white"                 # white | pink
+    param: str = "pixel"                # pixel | spectrum
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -104,6 +108,7 @@ class SynthConfig:
         need(isinstance(self.flip, bool), f"flip must be a bool, got {self.flip!r}")
         need(isinstance(self.swing, bool), f"swing must be a bool, got {self.swing!r}")
         need(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
+        need(self.param in PARAMS, f"param must be one of {PARAMS}, got {self.param!r}")
         need(isinstance(self.coarse, (int, float)) and 0 <= self.coarse < 1, f"coarse must be in [0, 1), got {self.coarse!r}")
         need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
              f"seed must be an integer >= 0, got {self.seed!r}")
@@ -498,18 +503,17 @@ def _invert_batch(model: nn.Module, labels: torch.Tensor, chw: tuple[int, int, i
     """Optimise one batch of pixels for ``cfg.steps`` Adam steps; return them detached."""
     n = labels.numel()
     noise = initial_noise(n, chw, cfg.init, gen)
-    x = torch.maximum(torch.minimum(noise.to(device=device, dtype=dtype), hi), lo)
-    x.requires_grad_(True)
+    image = ImageParam(torch.maximum(torch.minimum(noise.to(device=device, dtype=dtype), hi), lo), cfg.param)
     y = labels.to(device)
-    adam = _PixelAdam(x)
+    adam = _PixelAdam(image.tensor)
     lr_min = cfg.lr * 0.01
     swing = swing_convolutions(model, gen) if cfg.swing else contextlib.nullcontext()
     coarse_steps = int(cfg.coarse * cfg.steps) if min(chw[1:]) >= 4 else 0  # pooling needs a 2x2 image
     with torch.enable_grad(), BNStatsHook(model) as hook, swing:
         for step in range(cfg.steps):
             lr = lr_min + (cfg.lr - lr_min) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-            x.grad = None
-            xa = augment(x, cfg.jitter, cfg.flip, gen)
+            image.tensor.grad = None
+            xa = augment(image.images(), cfg.jitter, cfg.flip, gen)
             xa = F.avg_pool2d(xa, 2) if step < coarse_steps else xa
             logits = model(xa)
             layer_bns = hook.layer_losses()
@@ -523,7 +527,7 @@ def _invert_batch(model: nn.Module, labels: torch.Tensor, chw: tuple[int, int, i
             loss.backward()
             with torch.no_grad():
                 adam.step(lr)
-                x.copy_(torch.maximum(torch.minimum(x, hi), lo))
+                image.project(lo, hi)
             if log is not None or bar is not None:
                 show = bar is not None and (step % 10 == 0 or step == cfg.steps - 1)
                 if log is not None or show:
@@ -540,7 +544,8 @@ def _invert_batch(model: nn.Module, labels: torch.Tensor, chw: tuple[int, int, i
                                         refresh=False)
                 if bar is not None:
                     bar.update(1)
-    return x.detach()
+    with torch.no_grad():   # the spectrum's round trip can leave a pixel 1e-6 outside the box
+        return torch.maximum(torch.minimum(image.images(), hi), lo)
 
 
 def synthesize(model: nn.Module, input_size: tuple[int, int, int],

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from dfq.pipeline.augment import initial_noise
+from dfq.pipeline.augment import ImageParam, initial_noise
 from dfq.pipeline.synthesize import (BNStatsHook, SynthConfig, batch_mean_var,
                                      evaluate_synthetic, pixel_bounds, synthesize,
                                      swing_convolutions, synthesize_batches, target_labels,
@@ -375,6 +375,52 @@ def test_image_priors_raise_neighbour_correlation():
     assert neighbour_correlation(smooth) > neighbour_correlation(plain) + 0.2
 
 
+def test_spectrum_parametrisation_holds_the_same_images_and_projects_into_the_box():
+    x = torch.randn(2, 3, 16, 12, generator=torch.Generator().manual_seed(0))
+    for kind in ("pixel", "spectrum"):
+        p = ImageParam(x, kind)
+        assert p.tensor.requires_grad and p.tensor.is_leaf
+        assert torch.allclose(p.images(), x, atol=1e-5)
+        lo, hi = pixel_bounds(MEAN, STD, 3)
+        p.project(lo * 0.5, hi * 0.5)
+        assert bool((p.images() >= lo * 0.5 - 1e-5).all() and (p.images() <= hi * 0.5 + 1e-5).all())
+        inside = (x >= lo * 0.5) & (x <= hi * 0.5)
+        assert torch.allclose(p.images()[inside], x[inside], atol=1e-5)
+    with pytest.raises(ValueError, match="parametrisation"):
+        ImageParam(x, "wavelet")
+
+
+def test_spectrum_steps_are_smooth_pixel_steps_are_not():
+    """An Adam-like step (every coordinate moved by +-lr) is white noise on the pixels and a
+    correlated (pink) field through the spectrum."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.zeros(4, 3, 64, 64)
+    corr = {}
+    for kind in ("pixel", "spectrum"):
+        p = ImageParam(x, kind)
+        with torch.no_grad():
+            p.tensor.add_(0.1 * torch.sign(torch.randn(p.tensor.shape, generator=g)))
+        step = p.images().detach()
+        assert 0.05 < float(step.std()) < 0.2
+        corr[kind] = neighbour_correlation(step)
+    assert abs(corr["pixel"]) < 0.05 and corr["spectrum"] > 0.5
+
+
+def test_synthesize_through_the_spectrum():
+    model = make_model()
+    base = dict(num_images=8, batch_size=8, steps=30, lr=0.1, ce_weight=0.0, tv_weight=0.0, l2_weight=0.0,
+                jitter=0, flip=False)
+    log: list[dict] = []
+    x, y = run(model, cfg(**base, param="spectrum"), log=log)
+    lo, hi = pixel_bounds(MEAN, STD, 3)
+    assert bool((x >= lo).all() and (x <= hi).all())
+    assert min(r["bns"] for r in log[-5:]) < 0.5 * log[0]["bns"]
+    again, _ = run(model, cfg(**base, param="spectrum"))
+    assert torch.equal(x, again)
+    plain, _ = run(model, cfg(**base))
+    assert neighbour_correlation(x) > neighbour_correlation(plain)
+
+
 # ------------------------------------------------------------------------------- SynthConfig
 
 
@@ -382,7 +428,7 @@ def test_image_priors_raise_neighbour_correlation():
     ("num_images", 0), ("batch_size", -1), ("steps", 0), ("steps", 2.5), ("lr", 0.0),
     ("lr", float("nan")), ("bn_weight", -1.0), ("tv_weight", float("inf")), ("jitter", -1),
     ("flip", 1), ("swing", 1), ("seed", -3), ("first_bn_weight", -1.0), ("coarse", 1.0),
-    ("coarse", -0.1), ("init", "blue"),
+    ("coarse", -0.1), ("init", "blue"), ("param", "wavelet"),
 ])
 def test_config_validation(field, value):
     with pytest.raises(ValueError, match=field):
