@@ -4,8 +4,8 @@ Each step sees the image batch through a fresh random augmentation, which keeps 
 fitting one pixel-exact view of the model: :func:`augment` moves the whole input (DeepInversion's
 jitter and flip), :func:`swing_convolutions` moves the input of each strided convolution on its own
 (Genie's swing convolution); :func:`initial_noise` is where the pixels start and
-:class:`ImageParam` the variable the optimiser moves (the pixels, or their spectrum). Every draw
-comes from the caller's ``torch.Generator``.
+:class:`ImageParam` the variable the optimiser (:class:`PixelAdam`) moves (the pixels, or their
+spectrum). Every draw comes from the caller's ``torch.Generator``.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["augment", "swing_convolutions", "initial_noise", "INITS", "ImageParam", "PARAMS"]
+__all__ = ["augment", "swing_convolutions", "initial_noise", "INITS", "ImageParam", "PARAMS", "PixelAdam"]
 
 
 def augment(x: torch.Tensor, jitter: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
@@ -129,3 +129,36 @@ class ImageParam:
         """Clamp the images to ``[lo, hi]`` (broadcast per channel), in place."""
         x = torch.maximum(torch.minimum(self.images(), hi), lo)
         self.tensor.copy_(x if self.scale is None else self._to_spectrum(x))
+
+
+class PixelAdam:
+    """Adam (Kingma & Ba) on one tensor, with the learning rate passed per step::
+
+        m <- b1 m + (1 - b1) g,   v <- b2 v + (1 - b2) g^2
+        x <- x - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+    (b1, b2, eps) = (0.9, 0.999, 1e-8), the ``torch.optim.Adam`` defaults. Written out because
+    constructing any ``torch.optim`` optimizer imports ``torch._dynamo`` (seconds of start-up on
+    a small CPU machine), which a synthesis-only run otherwise never needs."""
+
+    def __init__(self, x: torch.Tensor, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        self.x = x
+        self.b1, self.b2 = betas
+        self.eps = eps
+        self.t = 0
+        self.m = torch.zeros_like(x)
+        self.v = torch.zeros_like(x)
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        g = self.x.grad
+        if g is None:
+            return
+        self.t += 1
+        self.m.mul_(self.b1).add_(g, alpha=1 - self.b1)
+        self.v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
+        c1 = 1 - self.b1 ** self.t
+        c2 = 1 - self.b2 ** self.t
+        denom = (self.v / c2).sqrt_().add_(self.eps)
+        self.x.addcdiv_(self.m, denom, value=-lr / c1)

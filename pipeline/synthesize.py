@@ -39,7 +39,7 @@ from torch import nn
 
 from dfq.common import distributed as D
 from dfq.common.progress import progress as progress_bar
-from dfq.pipeline.augment import INITS, PARAMS, ImageParam, augment, initial_noise, swing_convolutions
+from dfq.pipeline.augment import INITS, PARAMS, ImageParam, PixelAdam, augment, initial_noise, swing_convolutions
 from dfq.pipeline.losses import bn_stats_distance
 from dfq.pipeline.models import is_small_input
 
@@ -463,39 +463,6 @@ def synthesize_batches(model: nn.Module, input_size: tuple[int, int, int],
             bar.close()
 
 
-class _PixelAdam:
-    """Adam (Kingma & Ba) on one tensor, with the learning rate passed per step::
-
-        m <- b1 m + (1 - b1) g,   v <- b2 v + (1 - b2) g^2
-        x <- x - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
-
-    (b1, b2, eps) = (0.9, 0.999, 1e-8), the ``torch.optim.Adam`` defaults. Written out because
-    constructing any ``torch.optim`` optimizer imports ``torch._dynamo`` (seconds of start-up on
-    a small CPU machine), which a synthesis-only run otherwise never needs."""
-
-    def __init__(self, x: torch.Tensor, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8) -> None:
-        self.x = x
-        self.b1, self.b2 = betas
-        self.eps = eps
-        self.t = 0
-        self.m = torch.zeros_like(x)
-        self.v = torch.zeros_like(x)
-
-    @torch.no_grad()
-    def step(self, lr: float) -> None:
-        g = self.x.grad
-        if g is None:
-            return
-        self.t += 1
-        self.m.mul_(self.b1).add_(g, alpha=1 - self.b1)
-        self.v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
-        c1 = 1 - self.b1 ** self.t
-        c2 = 1 - self.b2 ** self.t
-        denom = (self.v / c2).sqrt_().add_(self.eps)
-        self.x.addcdiv_(self.m, denom, value=-lr / c1)
-
-
 def _invert_batch(model: nn.Module, labels: torch.Tensor, chw: tuple[int, int, int],
                   lo: torch.Tensor, hi: torch.Tensor, cfg: SynthConfig, gen: torch.Generator,
                   device: torch.device, dtype: torch.dtype, bar, batch: int,
@@ -505,7 +472,7 @@ def _invert_batch(model: nn.Module, labels: torch.Tensor, chw: tuple[int, int, i
     noise = initial_noise(n, chw, cfg.init, gen)
     image = ImageParam(torch.maximum(torch.minimum(noise.to(device=device, dtype=dtype), hi), lo), cfg.param)
     y = labels.to(device)
-    adam = _PixelAdam(image.tensor)
+    adam = PixelAdam(image.tensor)
     lr_min = cfg.lr * 0.01
     swing = swing_convolutions(model, gen) if cfg.swing else contextlib.nullcontext()
     coarse_steps = int(cfg.coarse * cfg.steps) if min(chw[1:]) >= 4 else 0  # pooling needs a 2x2 image
