@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", help="a previous dfq-bench JSON: fail (exit 8) when a speedup regressed")
     p.add_argument("--max-regression", type=float,
                    help="allowed relative speedup drop against --baseline (default 0.10)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also profile both models on each backend that can (time per op type and kernel, "
+                        "slowest nodes; OpenVINO: which nodes run in int8) into the result JSON")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                            input_shape=args.input_shape, min_speedup=args.min_speedup, baseline=args.baseline,
                            max_regression=0.10 if args.max_regression is None else args.max_regression,
                            command=" ".join(shlex.quote(a) for a in ["dfq-bench", *argv]),
-                           log=lambda m: print(m, file=sys.stderr))
+                           log=lambda m: print(m, file=sys.stderr), breakdown=args.breakdown)
         if args.out:
             out = Path(args.out)
             try:

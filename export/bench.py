@@ -149,8 +149,10 @@ def _input_shape(int_path: Path, input_shape) -> tuple[int, ...] | None:
 def run_bench(int_path: str | Path, fp_path: str | Path | None = None, *, backends=("onnxruntime-cpu",),
               batches=(1,), threads: int = 1, budget: Budget | None = None, input_shape=None,
               min_speedup: float | None = None, baseline: str | Path | dict | None = None,
-              max_regression: float = 0.10, command: str = "", log=None) -> dict:
-    """Measure every (backend, batch), run the checks, return the dfq-bench/1 result dict.
+              max_regression: float = 0.10, command: str = "", log=None, breakdown: bool = False) -> dict:
+    """Measure every (backend, batch), run the checks, return the dfq-bench/1 result dict. With
+    ``breakdown`` each record also carries the runtime's profile of both models
+    (:meth:`Runtime.breakdown`: time per op type, slowest nodes; None where it cannot profile).
     Does not raise on failed checks: ``result["passed"]`` says; the CLI turns it into exit 8.
     Raises :class:`BackendUnavailableError` (before timing anything) for a backend that cannot
     run here, :class:`UsageError` for bad inputs."""
@@ -183,8 +185,12 @@ def run_bench(int_path: str | Path, fp_path: str | Path | None = None, *, backen
         for batch in batches:
             if log:
                 log(f"dfq-bench: {backend} batch {batch} ...")
-            records.append(get_runtime(backend).measure(fp_path, int_path, batch=batch, threads=threads,
-                                                        budget=budget, input_shape=shape))
+            runtime = get_runtime(backend)
+            rec = runtime.measure(fp_path, int_path, batch=batch, threads=threads, budget=budget, input_shape=shape)
+            if breakdown:
+                rec["breakdown"] = runtime.breakdown(fp_path, int_path, batch=batch, threads=threads,
+                                                     input_shape=shape)
+            records.append(rec)
     checks = {"min_speedup": check_min_speedup(records, min_speedup) if min_speedup is not None else None,
               "baseline": None}
     if base is not None:

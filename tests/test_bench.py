@@ -359,3 +359,28 @@ def test_openvino_runs_the_artifact_close_to_onnxruntime(models):
     ort_out = _session(onnx.load(str(q))).run(None, {"input": x})[0]
     # a different runtime's integer arithmetic: close, not bit-identical
     assert np.abs(ov_out - ort_out).max() < 0.1 * np.abs(ort_out).max() + 1e-3
+
+
+def test_openvino_breakdown_names_int8_kernels(models, tmp_path):
+    """``--breakdown`` profiles both models on OpenVINO: its op types, the kernels of the quantized
+    model (the tiny artifact's convs run in int8 there) and their share of the time."""
+    from dfq.export.runtimes import get_runtime
+    from dfq.export.runtimes.openvino import is_int8_kernel
+
+    if not get_runtime("openvino").status()[0]:
+        pytest.skip("OpenVINO cannot load here")
+    assert is_int8_kernel("brgconv_avx512_I8") and is_int8_kernel("jit_avx512_dw_U8")
+    assert not is_int8_kernel("jit_avx512_FP32") and not is_int8_kernel("undef")
+    q, _ = models["onnxruntime"]
+    out = tmp_path / "ov.json"
+    assert bench_cli.main([str(q), *FAST, "--backend", "openvino", "--backend", "onnxruntime-cpu", "--batch", "2",
+                           "--breakdown", "--out", str(out)]) == 0
+    recs = {r["backend"]: r for r in json.loads(out.read_text())["records"]}
+    b = recs["openvino"]["breakdown"]
+    assert "Convolution" in b["op_ms_fp32"] and "Convolution" in b["op_ms_quantized"]
+    assert any(is_int8_kernel(k) for k in b["exec_ms_quantized"]), b["exec_ms_quantized"]
+    assert not any(is_int8_kernel(k) for k in b["exec_ms_fp32"]), b["exec_ms_fp32"]
+    assert 0 < b["int8_fraction"] <= 1
+    nodes = b["slowest_quantized_nodes"]
+    assert nodes and [n["ms"] for n in nodes] == sorted((n["ms"] for n in nodes), reverse=True)
+    assert "op_ms_quantized" in recs["onnxruntime-cpu"]["breakdown"]
