@@ -4,11 +4,14 @@ and OpenVINO in one run, through the real ``dfq-bench`` command.
 
     python benchmarks/bench_cpu.py --threads 2
     python benchmarks/bench_cpu.py --targets onnxruntime tensorrt --backends onnxruntime-cpu openvino
+    python benchmarks/bench_cpu.py --models efficientnet_lite0 --bits 8 --batches 1 --breakdown
 
 Artifacts are built here (quantizers calibrated on seeded noise: scales do not change latency;
 the accuracy benchmarks use the real pipeline). Each ``dfq-bench`` JSON is kept under
 ``results/bench_cpu/<cpu>/`` (usable as a ``--baseline``) and its records are merged into
-``results/bench_cpu.json`` with a Markdown table.
+``results/bench_cpu.json`` with a Markdown table. With ``--breakdown`` every record also carries
+both models' profile on its runtime (``dfq-bench --breakdown``), summarised per op type in
+``results/bench_cpu_breakdown.md`` (on OpenVINO with the int8 share of the quantized model's time).
 """
 from __future__ import annotations
 
@@ -61,6 +64,8 @@ def _bench_one(name, weights, model, calib, target, bits, args, tmp: Path, out_d
            "--out", str(json_path)]
     for backend in args.backends:
         cmd += ["--backend", backend]
+    if args.breakdown:
+        cmd.append("--breakdown")
     for b in args.batches:
         cmd += ["--batch", str(b)]
     print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)
@@ -79,6 +84,27 @@ def _bench_one(name, weights, model, calib, target, bits, args, tmp: Path, out_d
     return 0
 
 
+def breakdown_markdown(records: list[dict]) -> str:
+    """Per record with a profile: the profiled time per op type of the FP32 and quantized models."""
+    lines = ["# Where the time goes: profiled time per op type, FP32 vs quantized (dfq-bench --breakdown)", ""]
+    for r in records:
+        b = r.get("breakdown")
+        if not b:
+            continue
+        share = f", int8 share of the quantized time {100 * b['int8_fraction']:.0f}%" if "int8_fraction" in b else ""
+        lines += [f"## {r['model']} {r['bits']} {r['target']} flavour on {r['backend']}, batch {r['batch']}, "
+                  f"{r['threads']} threads ({r['cpu']}, {r['commit']}): speedup {r['speedup']:.2f}x{share}", "",
+                  "| op type | FP32 ms | quantized ms | ratio |", "| --- | --- | --- | --- |"]
+        for op in dict.fromkeys([*b["op_ms_fp32"], *b["op_ms_quantized"]]):
+            fp, q = b["op_ms_fp32"].get(op, 0.0), b["op_ms_quantized"].get(op, 0.0)
+            lines.append(f"| {op} | {fp:.3f} | {q:.3f} | {fp / q:.2f}x |" if q else f"| {op} | {fp:.3f} | 0 | - |")
+        if "exec_ms_quantized" in b:
+            lines += ["", "Quantized model's kernels (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in
+                                                                      b["exec_ms_quantized"].items())]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["resnet18", "resnet20", "efficientnet_lite0"])
@@ -88,6 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--targets", nargs="+", default=["onnxruntime"], help="artifact flavours to build")
     ap.add_argument("--backends", nargs="+", default=["onnxruntime-cpu", "openvino"])
+    ap.add_argument("--breakdown", action="store_true", help="profile both models per op type (dfq-bench --breakdown)")
     args = ap.parse_args(argv)
     out_dir = HERE / "results" / "bench_cpu" / _slug(cpu_label(machine_info()))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -106,6 +133,8 @@ def main(argv=None) -> int:
     write_markdown(HERE / "results" / "bench_cpu.md", merged,
                    ["model", "weights", "bits", "target", "backend", "batch", "threads", "fp_ms", "int_ms", "speedup",
                     "cpu", "commit"], "dfq-bench on the CPU: quantized ONNX vs its FP32 ONNX, same process, interleaved")
+    if args.breakdown:
+        (HERE / "results" / "bench_cpu_breakdown.md").write_text(breakdown_markdown(merged))
     return 0
 
 
