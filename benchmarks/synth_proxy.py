@@ -5,7 +5,9 @@ image set (DeepInversion's priors included) with ``SynthConfig`` overrides, reco
 layer for ``--iters`` iterations, score the fake-quant model's top-1 on all 1,300 real images of
 ``../shared`` (the accuracy records' set: an earlier version scored 520 of them, on which the FP
 model is a point better, 84.23% against 83.23%). Also records
-what the images look like: the FP model's mean confidence and target-class hits, the neighbour
+the same model with its activation quantizers off (``top1_weights_only``: what the 8-bit
+activation ranges calibrated on the images cost on real ones), and what the images look like:
+the FP model's mean confidence and target-class hits, the neighbour
 correlation of the pixels (real images: about 0.93) and the summed BN-statistics loss.
 
     python benchmarks/synth_proxy.py --name default                  # the recipe's images as they are
@@ -37,7 +39,7 @@ from dfq.pipeline.reconstruct import ReconstructConfig, reconstruct
 from dfq.pipeline.synthesize import BNStatsHook, SynthConfig, synthesize
 
 RESULTS = REPO / "benchmarks" / "results" / "synth_proxy.json"
-COLUMNS = ["name", "synth", "iters", "top1_fakequant", "top1_fp", "neighbour_corr", "bn_loss", "fp_confidence",
+COLUMNS = ["name", "synth", "iters", "top1_fakequant", "top1_weights_only", "top1_fp", "neighbour_corr", "bn_loss", "fp_confidence",
            "target_hits", "wall_s", "commit"]
 
 
@@ -76,9 +78,12 @@ def run(name: str, overrides: dict, iters: int) -> dict:
     with torch.no_grad():
         top1_q = float((batched_logits(q.module, rx, 40).argmax(1) == ry).float().mean())
         top1_fp = float((batched_logits(model, rx, 40).argmax(1) == ry).float().mean())
+        for a in q.act_quantizers().values():   # the 4-bit weights alone: what the activations' ranges cost
+            a.enabled = False
+        top1_w = float((batched_logits(q.module, rx, 40).argmax(1) == ry).float().mean())
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     return {"name": name, "synth": json.dumps(overrides, sort_keys=True), "iters": iters, "top1_fakequant": 100 * top1_q,
-            "top1_fp": 100 * top1_fp, **describe(model, images, labels), "wall_s": time.time() - t0,
+            "top1_weights_only": 100 * top1_w, "top1_fp": 100 * top1_fp, **describe(model, images, labels), "wall_s": time.time() - t0,
             "commit": commit, "command": " ".join(sys.argv), "machine": machine_info()}
 
 
