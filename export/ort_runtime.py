@@ -33,7 +33,7 @@ import onnx
 import onnxruntime as ort
 
 __all__ = ["OPTIMIZATION_LEVELS", "make_session", "run_logits", "optimized_op_types", "LatencyResult",
-           "measure_latency", "compare_latency", "node_times", "time_breakdown"]
+           "measure_latency", "compare_latency", "node_times", "ms_by", "time_breakdown"]
 
 _LEVEL_NAMES = {
     "all": "ORT_ENABLE_ALL",
@@ -336,17 +336,19 @@ def node_times(onnx_path, *, batch: int, threads: int, input_shape=None, runs: i
     return sorted(out, key=lambda r: -r["ms"])
 
 
+def ms_by(rows: list[dict], key: str) -> dict[str, float]:
+    """Profiled node rows (``{key: ..., "ms": ...}``) summed per ``row[key]`` (op type, kernel),
+    largest first, in ms rounded to 0.1 us."""
+    acc: dict[str, float] = collections.Counter()
+    for r in rows:
+        acc[r[key]] += r["ms"]
+    return {k: round(v, 4) for k, v in sorted(acc.items(), key=lambda kv: -kv[1])}
+
+
 def time_breakdown(fp_path, int_path, *, batch: int, threads: int, input_shape=None, top: int = 8) -> dict:
     """Why a quantized model is not faster than its FP32 twin on ORT's CPU provider: kernel time
     per op type of each (ms, profiled) and the quantized graph's slowest nodes."""
     fp = node_times(fp_path, batch=batch, threads=threads, input_shape=input_shape)
     q = node_times(int_path, batch=batch, threads=threads, input_shape=input_shape)
-
-    def by_op(rows):
-        acc: dict[str, float] = collections.Counter()
-        for r in rows:
-            acc[r["op"]] += r["ms"]
-        return {k: round(v, 4) for k, v in sorted(acc.items(), key=lambda kv: -kv[1])}
-
-    return {"op_ms_fp32": by_op(fp), "op_ms_quantized": by_op(q),
+    return {"op_ms_fp32": ms_by(fp, "op"), "op_ms_quantized": ms_by(q, "op"),
             "slowest_quantized_nodes": [{**r, "ms": round(r["ms"], 4)} for r in q[:top]]}

@@ -103,7 +103,7 @@ class ImageParam:
     def __init__(self, images: torch.Tensor, kind: str = "pixel") -> None:
         if kind not in PARAMS:
             raise ValueError(f"image parametrisation must be one of {PARAMS}, got {kind!r}")
-        self.kind, self.size = kind, tuple(images.shape[2:])
+        self.size = tuple(images.shape[2:])
         if kind == "pixel":
             self.scale = None
             self.tensor = images.detach().clone()

@@ -13,14 +13,13 @@ the quantized model's time, and its slowest nodes. OpenVINO is the optional extr
 """
 from __future__ import annotations
 
-import collections
 import time
 from pathlib import Path
 
 import numpy as np
 
 from dfq.export.openvino_reference import OpenVINOReference
-from dfq.export.ort_runtime import LatencyResult
+from dfq.export.ort_runtime import LatencyResult, ms_by
 from dfq.export.runtimes.base import Budget, Runtime, interleaved, make_record
 from dfq.export.tensorrt import onnx_input_shape
 
@@ -80,19 +79,18 @@ def time_breakdown(fp_path, int_path, *, batch: int, threads: int, input_shape, 
     its slowest nodes; the same keys as ONNX Runtime's breakdown plus the kernel view."""
     fp = node_times(fp_path, batch=batch, threads=threads, input_shape=input_shape)
     q = node_times(int_path, batch=batch, threads=threads, input_shape=input_shape)
-
-    def by(rows, key):
-        acc: dict[str, float] = collections.Counter()
-        for r in rows:
-            acc[r[key]] += r["ms"]
-        return {k: round(v, 4) for k, v in sorted(acc.items(), key=lambda kv: -kv[1])}
-
-    total_q = sum(r["ms"] for r in q) or 1.0
-    return {"op_ms_fp32": by(fp, "op"), "op_ms_quantized": by(q, "op"), "exec_ms_quantized": by(q, "exec"),
-            "exec_ms_fp32": by(fp, "exec"),
-            "int8_fraction": round(sum(r["ms"] for r in q if is_int8_kernel(r["exec"])) / total_q, 4),
+    total_q = sum(r["ms"] for r in q)
+    int8_q = sum(r["ms"] for r in q if is_int8_kernel(r["exec"]))
+    return {"op_ms_fp32": ms_by(fp, "op"), "op_ms_quantized": ms_by(q, "op"), "exec_ms_quantized": ms_by(q, "exec"),
+            "exec_ms_fp32": ms_by(fp, "exec"),
+            "int8_fraction": round(int8_q / total_q, 4) if total_q else 0.0,
             "profiled_ms": {"fp32": round(sum(r["ms"] for r in fp), 4), "quantized": round(total_q, 4)},
             "slowest_quantized_nodes": [{**r, "ms": round(r["ms"], 4)} for r in q[:top]]}
+
+
+def _model_shape(int_path: Path, input_shape) -> tuple[int, ...]:
+    """The per-image input shape: the one given, else the ONNX input's."""
+    return tuple(input_shape) if input_shape is not None else onnx_input_shape(int_path)[1]
 
 
 class _Input:
@@ -138,9 +136,7 @@ class OpenVINORuntime(Runtime):
 
     def measure(self, fp_path: Path, int_path: Path, *, batch: int, threads: int, budget: Budget,
                 input_shape=None) -> dict:
-        shape = input_shape
-        if shape is None:
-            shape = onnx_input_shape(int_path)[1]
+        shape = _model_shape(int_path, input_shape)
         x = np.random.default_rng(0).standard_normal((batch, *shape), dtype=np.float32)
         requests = {k: compile_model(p, threads=threads, batch=batch, input_shape=shape).create_infer_request()
                     for k, p in (("fp", fp_path), ("int", int_path))}
@@ -165,8 +161,8 @@ class OpenVINORuntime(Runtime):
         return make_record(self.name, batch, threads, res["fp"], res["int"], int_precision="qdq (openvino int8)")
 
     def breakdown(self, fp_path: Path, int_path: Path, *, batch: int, threads: int, input_shape=None) -> dict | None:
-        shape = input_shape if input_shape is not None else onnx_input_shape(int_path)[1]
-        return time_breakdown(fp_path, int_path, batch=batch, threads=threads, input_shape=shape)
+        return time_breakdown(fp_path, int_path, batch=batch, threads=threads,
+                              input_shape=_model_shape(int_path, input_shape))
 
 
 RUNTIME = OpenVINORuntime()
