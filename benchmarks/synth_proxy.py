@@ -11,6 +11,7 @@ the FP model's mean confidence and target-class hits, the neighbour
 correlation of the pixels (real images: about 0.93) and the summed BN-statistics loss.
 
     python benchmarks/synth_proxy.py --name default                  # the recipe's images as they are
+    python benchmarks/synth_proxy.py --name learn-step --recon '{"learn_step": true}'   # reconstruction options
     python benchmarks/synth_proxy.py --name plain \\
         --synth '{"init": "white", "tv_weight": 0, "coarse": 0, "steps": 200, "first_bn_weight": 1}'
 
@@ -20,10 +21,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +42,7 @@ from dfq.pipeline.reconstruct import ReconstructConfig, reconstruct
 from dfq.pipeline.synthesize import BNStatsHook, SynthConfig, synthesize
 
 RESULTS = REPO / "benchmarks" / "results" / "synth_proxy.json"
-COLUMNS = ["name", "synth", "iters", "top1_fakequant", "top1_weights_only", "top1_fp", "neighbour_corr", "bn_loss", "fp_confidence",
+COLUMNS = ["name", "synth", "recon", "iters", "top1_fakequant", "top1_weights_only", "top1_fp", "neighbour_corr", "bn_loss", "fp_confidence",
            "target_hits", "wall_s", "commit"]
 
 
@@ -60,7 +63,24 @@ def describe(model, images: torch.Tensor, labels: torch.Tensor) -> dict:
             "fp_confidence": float(p.max(1).values.mean()), "target_hits": float((p.argmax(1) == labels).float().mean())}
 
 
-def run(name: str, overrides: dict, iters: int) -> dict:
+def cached_synthesis(model, spec, cfg: SynthConfig, cache: Path | None):
+    """The BN-inversion images and labels of ``cfg``, from ``cache`` when it holds the set of the
+    same config (the model and the synthesis code are the caller's to keep the same)."""
+    path = None
+    if cache is not None:
+        key = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        path = cache / f"lite0-{key}.pt"
+        if path.exists():
+            saved = torch.load(path, weights_only=True)
+            return saved["images"], saved["labels"]
+    images, labels = synthesize(model, spec.input_size, spec.mean, spec.std, spec.num_classes, cfg, progress=False)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"images": images, "labels": labels}, path)
+    return images, labels
+
+
+def run(name: str, overrides: dict, iters: int, recon: dict | None = None, cache: Path | None = None) -> dict:
     t0 = time.time()
     root = shared_root()
     loaded = load_model(root / "models/imagenet/efficientnet-lite0-57934424.pth")
@@ -68,11 +88,13 @@ def run(name: str, overrides: dict, iters: int) -> dict:
     real = list(iterate_images(image_folder(root / "data/imagenet-val1300", spec), 40))
     rx, ry = torch.cat([x for x, _ in real]), torch.cat([y for _, y in real])
     cfg = dataclasses.replace(SynthConfig.for_budget("fast", spec.input_size, reconstruction=True), **overrides)
-    images, labels = synthesize(model, spec.input_size, spec.mean, spec.std, spec.num_classes, cfg, progress=False)
+    t_synth = time.time()
+    images, labels = cached_synthesis(model, spec, cfg, cache)
+    t_synth = time.time() - t_synth
     holdout = max(8, len(images) // 4)
     q = quantize(model, get_target("onnxruntime").quant_config(bits=4, act_bits=8), images[:2])
     calibrate(q, images[:-holdout], holdout=images[-holdout:], seed=0)
-    rc = dataclasses.replace(ReconstructConfig.for_budget("fast", spec.input_size), iterations=iters)
+    rc = dataclasses.replace(ReconstructConfig.for_budget("fast", spec.input_size), iterations=iters, **(recon or {}))
     reconstruct(q, images[:-holdout], rc, progress=False)
     q.module.eval()
     with torch.no_grad():
@@ -82,8 +104,10 @@ def run(name: str, overrides: dict, iters: int) -> dict:
             a.enabled = False
         top1_w = float((batched_logits(q.module, rx, 40).argmax(1) == ry).float().mean())
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    return {"name": name, "synth": json.dumps(overrides, sort_keys=True), "iters": iters, "top1_fakequant": 100 * top1_q,
+    return {"name": name, "synth": json.dumps(overrides, sort_keys=True), "recon": json.dumps(recon or {}, sort_keys=True),
+            "iters": iters, "top1_fakequant": 100 * top1_q,
             "top1_weights_only": 100 * top1_w, "top1_fp": 100 * top1_fp, **describe(model, images, labels), "wall_s": time.time() - t0,
+            "synthesis_s": t_synth,
             "commit": commit, "command": " ".join(sys.argv), "machine": machine_info()}
 
 
@@ -92,8 +116,10 @@ def main(argv=None) -> int:
     ap.add_argument("--name", required=True)
     ap.add_argument("--synth", default="{}", help="SynthConfig overrides as JSON")
     ap.add_argument("--iters", type=int, default=200, help="reconstruction iterations per layer")
+    ap.add_argument("--cache", type=Path, help="folder that keeps each image set for later runs (outside the repository)")
+    ap.add_argument("--recon", default="{}", help="ReconstructConfig overrides as JSON (e.g. '{\"learn_step\": true}')")
     args = ap.parse_args(argv)
-    record = run(args.name, json.loads(args.synth), args.iters)
+    record = run(args.name, json.loads(args.synth), args.iters, json.loads(args.recon), args.cache)
     records = merge_records(RESULTS, [record], key=("name", "synth", "iters"))
     write_markdown(RESULTS.with_suffix(".md"), records, COLUMNS,
                    "BN-inversion image variants: EfficientNet-Lite0 W4A8 fake-quant top-1 after reconstruction (proxy)")

@@ -21,6 +21,9 @@ graph order, with the layers before already fixed:
 * the rounding is then fixed: ``codes = clamp(floor(w / s) + [h(V) >= 0.5])`` and the layer's float
   weight is set so that its folded weight is ``codes * s`` (Tune mode: divided by the BN factor),
   which round-to-nearest maps back to exactly those codes. The exported artifact is the usual one.
+* with ``learn_step`` each output channel's weight step is trained with the rounding (Adam on the
+  log of its ratio to the calibrated step; the integer base ``floor(w / s)`` stays the calibrated
+  step's, as Genie-M does) and is written back to the layer's WeightQuantizer at the bake.
 
 ``granularity="block"`` (BRECQ, Li et al. 2021) learns the rounding of a block's layers together
 (:mod:`dfq.pipeline.blocks`: a residual block, or up to ``block_layers`` layers of a plain chain)
@@ -64,6 +67,8 @@ class ReconstructConfig:
     warmup: float = 0.2          # fraction of the iterations without the regulariser
     drop: float = 0.5            # probability of the float input, per element (QDrop)
     crop: int | None = 16        # conv layers train on crop x crop output windows (None: whole maps)
+    learn_step: bool = False     # learn each channel's weight step with the rounding (Genie-M)
+    step_lr: float = 1e-3        # Adam's learning rate on the log of the step's gain
     granularity: str = "layer"   # "layer" (AdaRound) or "block" (BRECQ: a few layers together, pipeline.blocks)
     block_layers: int = 3        # the most conv/linear layers a block merges from a plain chain
     seed: int = 0
@@ -105,15 +110,24 @@ class ReconstructResult:
 
 
 class _LearnedRounding(nn.Module):
-    """Stands in for a layer's WeightQuantizer during reconstruction (same ``scale``/``enabled``)."""
+    """Stands in for a layer's WeightQuantizer during reconstruction (same ``scale``/``enabled``).
+    With ``learn_step`` the per-channel step is learned too (as the log of its ratio to the
+    calibrated one); the integer base ``floor(w / s0)`` stays the calibrated step's, as Genie-M does,
+    so the step only rescales the channel's codes."""
 
-    def __init__(self, w: torch.Tensor, scale: torch.Tensor, grid: Grid) -> None:
+    def __init__(self, w: torch.Tensor, scale: torch.Tensor, grid: Grid, learn_step: bool = False) -> None:
         super().__init__()
-        self.scale, self.grid, self.enabled = scale.detach(), grid, True
-        s = self._s(w)
+        self.scale0, self.grid, self.enabled = scale.detach(), grid, True
+        self.log_gain = nn.Parameter(torch.zeros_like(self.scale0), requires_grad=learn_step)
+        s = self.scale0.clamp(min=1e-12).reshape([-1] + [1] * (w.dim() - 1))
         self.floor = torch.floor(w.detach() / s)
         frac = (w.detach() / s - self.floor).clamp(0.01, 0.99)
         self.v = nn.Parameter(torch.log((frac - GAMMA) / (ZETA - frac)))   # h(v) == frac
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """The per-channel step (``[O]``): the calibrated one times the learned gain."""
+        return self.scale0 * torch.exp(self.log_gain)
 
     def _s(self, w: torch.Tensor) -> torch.Tensor:
         return self.scale.clamp(min=1e-12).reshape([-1] + [1] * (w.dim() - 1))
@@ -209,13 +223,13 @@ class _Rounded:
     """The layers whose rounding is being learned: their WeightQuantizers swapped for
     :class:`_LearnedRounding` (restored on exit) and, on :meth:`bake`, their codes fixed."""
 
-    def __init__(self, layers: list[nn.Module]) -> None:
+    def __init__(self, layers: list[nn.Module], learn_step: bool = False) -> None:
         self.layers, self.originals, self.roundings, self.nearest = layers, [], [], []
         for layer in layers:
             q = layer.weight_quantizer
             with torch.no_grad():
                 w = layer.folded()[0].detach()
-            r = _LearnedRounding(w, q.scale, q.grid)
+            r = _LearnedRounding(w, q.scale, q.grid, learn_step)
             self.originals.append(q)
             self.roundings.append(r)
             self.nearest.append(torch.clamp(torch.round(w / r._s(w)), q.grid.qmin, q.grid.qmax))
@@ -238,6 +252,7 @@ class _Rounded:
         flipped = total = 0
         for layer, r, q, nearest in zip(self.layers, self.roundings, self.originals, self.nearest):
             codes = r.codes()
+            q.scale.copy_(r.scale)
             _bake(layer, codes, q.scale.detach())
             flipped += int((codes != nearest).sum())
             total += codes.numel()
@@ -247,7 +262,10 @@ class _Rounded:
 def _optimise(rounded: _Rounded, batch_loss, cfg: ReconstructConfig) -> tuple[float, float]:
     """Adam on the rounding variables: ``batch_loss(it)`` (the reconstruction error of one batch)
     plus the annealed rounding regulariser after the warm-up; returns (first, last) batch loss."""
-    opt = torch.optim.Adam([r.v for r in rounded.roundings], lr=cfg.step_size)
+    groups = [{"params": [r.v for r in rounded.roundings], "lr": cfg.step_size}]
+    if cfg.learn_step:
+        groups.append({"params": [r.log_gain for r in rounded.roundings], "lr": cfg.step_lr})
+    opt = torch.optim.Adam(groups)
     first = last = None
     for it in range(cfg.iterations):
         rec = batch_loss(it)
@@ -284,7 +302,7 @@ def _reconstruct_layer(qmodel: QuantizedModel, fp_model: QuantizedModel, node: f
         out = data.forward(torch.where(keep_fp, xf, xq), in_scale)
         return (out - target).pow(2).sum(1).mean()
 
-    with _Rounded([layer]) as rounded:
+    with _Rounded([layer], cfg.learn_step) as rounded:
         first, last = _optimise(rounded, batch_loss, cfg)
         flipped, total = rounded.bake()
     return first, last, flipped, total
@@ -360,7 +378,7 @@ def _reconstruct_block(qmodel: QuantizedModel, fp_model: QuantizedModel, block: 
         out = qrun(block, torch.where(keep_fp, xf, xq))
         return (out - target).pow(2).sum(1).mean()
 
-    with _swapped(gm, inner), _Rounded(low) as rounded:
+    with _swapped(gm, inner), _Rounded(low, cfg.learn_step) as rounded:
         first, last = _optimise(rounded, batch_loss, cfg)
         flipped, total = rounded.bake()
     return first, last, flipped, total

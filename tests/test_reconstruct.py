@@ -59,6 +59,23 @@ def test_reconstruction_bakes_codes_the_exporter_reproduces_and_lowers_the_error
     assert sum(after.values()) < sum(before.values())
 
 
+def test_learned_steps_move_and_are_written_back_with_codes_on_their_grid():
+    model = tiny_resnet(4)
+    images = tiny_images(64, seed=3)
+    qm = quantize(model, qconfig(bits=4), images[:2])
+    calibrate(qm, images)
+    calibrated = {n: m.weight_quantizer.scale.detach().clone() for n, m in qm.layers().items()}
+    before = _layer_mse(qm, model, images)
+    cfg = ReconstructConfig(iterations=200, batch=16, learn_step=True, step_lr=1e-2)
+    res = reconstruct(qm, images, cfg, progress=False)
+    assert res.layers == 4 and res.last_loss < res.first_loss
+    moved = [n for n, m in qm.layers().items() if m.weight_quantizer.bits < 8
+             and not torch.allclose(m.weight_quantizer.scale, calibrated[n])]
+    assert len(moved) == 4          # every 4-bit layer's steps were learned and written back
+    _assert_weights_on_grid(qm)     # ... and its baked weights sit on the new steps' grid
+    assert sum(_layer_mse(qm, model, images).values()) < sum(before.values())
+
+
 def test_recon_recipe_end_to_end(tmp_path):
     from dfq.job import ExportJob
     from dfq.pipeline.models import get_spec
