@@ -39,6 +39,7 @@ def test_the_reference_leaves_the_model_alone():
     x = tiny_images(8, seed=2)
     assert all(q.enabled for q in qm.act_quantizers().values())
     assert not torch.equal(ref(x), qm(x))          # one requantization fewer
+    assert type(ref.module.get_submodule(ref.skipped[0])).__name__ == "ClampOnly"
     assert "1 quantizers" in ref.description
 
 
@@ -55,3 +56,26 @@ def test_openvino_computes_the_reference_not_the_fake_quant_model(tmp_path):
     fq = qm(x).detach().numpy()
     err_ref, err_fq = np.abs(out - ref).mean(), np.abs(out - fq).mean()
     assert err_ref < 0.2 * err_fq, (err_ref, err_fq)
+
+
+def test_openvino_clamps_the_fused_conv_output_to_its_quantizer_range(tmp_path):
+    """With the range of the conv output in front of the Add made tight (a third of its calibrated
+    step, so a good share of the outputs clip), OpenVINO matches the reference that clamps, not the
+    one that leaves the conv output unbounded."""
+    ov = get_runtime("openvino")
+    if not ov.status()[0]:
+        pytest.skip(f"OpenVINO cannot load here: {ov.status()[1]}")
+    qm = _quantized(4)
+    name = fused_add_quantizers(qm)[0]
+    with torch.no_grad():
+        qm.module.get_submodule(name).scale.mul_(1 / 3)
+    path = tmp_path / "q.onnx"
+    export_onnx(qm, path, fp_path=tmp_path / "fp.onnx")
+    x = tiny_images(256, seed=11)
+    out = ov.session(path, 1).run(None, {"input": x.numpy()})[0]
+    ref = OpenVINOReference(qm)
+    clamped = ref(x).numpy()
+    ref.module.get_submodule(name).forward = lambda t: t          # the same reference without the clamp
+    unbounded = ref(x).numpy()
+    err_clamped, err_unbounded = np.abs(out - clamped).mean(), np.abs(out - unbounded).mean()
+    assert err_clamped < 0.2 * err_unbounded, (err_clamped, err_unbounded)

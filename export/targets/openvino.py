@@ -8,9 +8,10 @@ them as QLinearSigmoid/QLinearMul (0.89x -> 1.57x over FP32 there), and on OpenV
 Q/DQ pairs cost time (36 ms -> 48 ms against 51 ms FP32). This flavour leaves the gates in float.
 
 Verification runs the artifact on OpenVINO against
-:class:`~dfq.export.openvino_reference.OpenVINOReference`: the fake-quant model without the
-requantization of the conv outputs that OpenVINO fuses into residual Adds (OpenVINO's own float
-arithmetic elsewhere leaves 0.08-0.18% of the answers different on ResNet-20, 10,000 images).
+:class:`~dfq.export.openvino_reference.OpenVINOReference`: the fake-quant model whose conv
+outputs that OpenVINO fuses into residual Adds are clamped to their quantizer's range but not
+rounded (OpenVINO's own float arithmetic elsewhere leaves 0.08-0.18% of the answers different on
+ResNet-20, 10,000 images).
 OpenVINO must be installed (``pip install 'dfq[openvino]'``).
 """
 from __future__ import annotations
