@@ -127,7 +127,7 @@ class ImageParam:
     @torch.no_grad()
     def project(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Clamp the images to ``[lo, hi]`` (broadcast per channel), in place."""
-        x = torch.maximum(torch.minimum(self.images(), hi), lo)
+        x = self.images().clamp(lo, hi)
         self.tensor.copy_(x if self.scale is None else self._to_spectrum(x))
 
 

@@ -470,7 +470,7 @@ def _invert_batch(model: nn.Module, labels: torch.Tensor, chw: tuple[int, int, i
     """Optimise one batch of pixels for ``cfg.steps`` Adam steps; return them detached."""
     n = labels.numel()
     noise = initial_noise(n, chw, cfg.init, gen)
-    image = ImageParam(torch.maximum(torch.minimum(noise.to(device=device, dtype=dtype), hi), lo), cfg.param)
+    image = ImageParam(noise.to(device=device, dtype=dtype).clamp(lo, hi), cfg.param)
     y = labels.to(device)
     adam = PixelAdam(image.tensor)
     lr_min = cfg.lr * 0.01
@@ -512,7 +512,7 @@ def _invert_batch(model: nn.Module, labels: torch.Tensor, chw: tuple[int, int, i
                 if bar is not None:
                     bar.update(1)
     with torch.no_grad():   # the spectrum's round trip can leave a pixel 1e-6 outside the box
-        return torch.maximum(torch.minimum(image.images(), hi), lo)
+        return image.images().clamp(lo, hi)
 
 
 def synthesize(model: nn.Module, input_size: tuple[int, int, int],
