@@ -21,6 +21,12 @@ graph order, with the layers before already fixed:
 * the rounding is then fixed: ``codes = clamp(floor(w / s) + [h(V) >= 0.5])`` and the layer's float
   weight is set so that its folded weight is ``codes * s`` (Tune mode: divided by the BN factor),
   which round-to-nearest maps back to exactly those codes. The exported artifact is the usual one.
+* with ``diag_mix = a > 0`` (layer-wise only) the loss is ``(1 - a)`` times that output error plus
+  ``a`` times its diagonal form ``sum((W_q - W)^2 * E[x_in^2])``: the error the same rounding
+  would make on inputs with the same channel energies but no correlations between channels or
+  pixels. The synthetic images fix each layer's input covariance, which is what the rounding
+  adapts to; this shrinks that covariance towards its diagonal, so the rounding relies less on
+  the correlations that the images may not share with real ones;
 * with ``learn_step`` each output channel's weight step is trained with the rounding (Adam on the
   log of its ratio to the calibrated step; the integer base ``floor(w / s)`` stays the calibrated
   step's, as Genie-M does) and is written back to the layer's WeightQuantizer at the bake.
@@ -68,6 +74,8 @@ class ReconstructConfig:
     drop: float = 0.5            # probability of the float input, per element (QDrop)
     crop: int | None = 16        # conv layers train on crop x crop output windows (None: whole maps)
     learn_step: bool = False     # learn each channel's weight step with the rounding (Genie-M)
+    # layer-wise: weight of the output error's diagonal form in the loss (module docstring), 0..1
+    diag_mix: float = 0.0
     step_lr: float = 1e-3        # Adam's learning rate on the log of the step's gain
     granularity: str = "layer"   # "layer" (AdaRound) or "block" (BRECQ: a few layers together, pipeline.blocks)
     block_layers: int = 3        # the most conv/linear layers a block merges from a plain chain
@@ -76,6 +84,8 @@ class ReconstructConfig:
     def __post_init__(self) -> None:
         if self.granularity not in ("layer", "block"):
             raise ValueError(f"reconstruction granularity must be 'layer' or 'block', not {self.granularity!r}")
+        if not 0.0 <= self.diag_mix <= 1.0:
+            raise ValueError(f"diag_mix must lie in [0, 1], not {self.diag_mix!r}")
 
     @classmethod
     def for_budget(cls, budget: str, input_size, seed: int = 0) -> "ReconstructConfig":
@@ -295,17 +305,37 @@ def _reconstruct_layer(qmodel: QuantizedModel, fp_model: QuantizedModel, node: f
     aq = input_quantizer_of(gm, node)
     in_scale = gm.get_submodule(str(aq.target)).scale.detach() if aq is not None else None
 
+    energy = _input_energy(layer, x_fp) if cfg.diag_mix > 0 else None
+    with torch.no_grad():
+        w = layer.folded()[0].detach()
+
     def batch_loss(it: int) -> torch.Tensor:
         idx = torch.randint(0, len(images), (min(cfg.batch, len(images)),), generator=gen)
         xq, xf, target = data.sample(idx, gen)
         keep_fp = torch.rand(xq.shape, generator=gen) < cfg.drop
         out = data.forward(torch.where(keep_fp, xf, xq), in_scale)
-        return (out - target).pow(2).sum(1).mean()
+        loss = (out - target).pow(2).sum(1).mean()
+        if energy is None:
+            return loss
+        diagonal = ((rounded.roundings[0](w) - w).pow(2) * energy).sum()
+        return (1 - cfg.diag_mix) * loss + cfg.diag_mix * diagonal
 
     with _Rounded([layer], cfg.learn_step) as rounded:
         first, last = _optimise(rounded, batch_loss, cfg)
         flipped, total = rounded.bake()
     return first, last, flipped, total
+
+
+def _input_energy(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The mean square of the layer's input channel that each weight entry reads, shaped to
+    broadcast against the weight: ``sum((W_q - W)^2 * energy)`` is the output error per position
+    (summed over output channels) for inputs with these channel energies and no correlations."""
+    e = x.pow(2).mean(dim=[0] + list(range(2, x.dim())))
+    if not isinstance(layer, QuantConv2d):
+        return e[None, :]
+    per_group = layer.in_channels // layer.groups
+    group = torch.arange(layer.out_channels) // (layer.out_channels // layer.groups)
+    return e[group[:, None] * per_group + torch.arange(per_group)[None, :]][:, :, None, None]
 
 
 class _DroppedQuantizer(nn.Module):

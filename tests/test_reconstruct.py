@@ -76,6 +76,41 @@ def test_learned_steps_move_and_are_written_back_with_codes_on_their_grid():
     assert sum(_layer_mse(qm, model, images).values()) < sum(before.values())
 
 
+def test_diagonal_form_is_the_output_error_on_uncorrelated_inputs():
+    """sum((dW)^2 * energy) equals the conv's output error (summed over channels, per position) on
+    inputs whose channels are independent with those energies, grouped and depthwise convs too."""
+    from torch import nn
+
+    from dfq.pipeline.qmodules import QuantConv2d
+    from dfq.pipeline.reconstruct import _input_energy
+
+    gen = torch.Generator().manual_seed(0)
+    for conv in (nn.Conv2d(4, 6, 3, groups=2), nn.Conv2d(6, 6, 3, groups=6), nn.Conv2d(5, 3, 1)):
+        layer = QuantConv2d(conv, None, 4)
+        std = torch.rand(conv.in_channels, generator=gen) * 2 + 0.1
+        x = torch.randn(2000, conv.in_channels, 12, 12, generator=gen) * std[None, :, None, None]
+        dw = torch.randn(layer.weight.shape, generator=gen) * 0.1
+        diagonal = float((dw.pow(2) * _input_energy(layer, x)).sum())
+        sampled = float(torch.nn.functional.conv2d(x, dw, groups=conv.groups).pow(2).sum(1).mean())
+        assert abs(diagonal - sampled) < 0.02 * sampled, (diagonal, sampled)
+
+
+def test_diag_mix_one_rounds_to_nearest_and_zero_is_the_plain_loss():
+    """With the whole loss diagonal, the best rounding is the nearest one (almost nothing flips);
+    out of range it is refused."""
+    import pytest
+
+    model = tiny_resnet(4)
+    images = tiny_images(64, seed=3)
+    qm = quantize(model, qconfig(bits=4), images[:2])
+    calibrate(qm, images)
+    res = reconstruct(qm, images, ReconstructConfig(iterations=200, batch=16, diag_mix=1.0), progress=False)
+    assert res.flipped < 0.02
+    _assert_weights_on_grid(qm)
+    with pytest.raises(ValueError, match="diag_mix"):
+        ReconstructConfig(diag_mix=1.5)
+
+
 def test_recon_recipe_end_to_end(tmp_path):
     from dfq.job import ExportJob
     from dfq.pipeline.models import get_spec
