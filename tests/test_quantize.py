@@ -90,6 +90,25 @@ def test_calibration_picks_measured_best_and_sets_positive_scales():
     assert float(q.scale.detach()) * q.grid.qmax <= 6.0 + 1e-6
 
 
+def test_calibration_scores_the_rules_with_the_weights_in_float():
+    """The rules set activation ranges, so they are compared with only the activations quantized:
+    the kept rule's score is the held-out KL of the model with its weight quantizers off."""
+    from dfq.pipeline.calibrate import batched_logits, output_kl
+
+    images = tiny_images(64)
+    qm = quantize(tiny_resnet(), qconfig(bits=4), images[:2])
+    res = calibrate(qm, images)
+    holdout = images[-16:]
+    qm.set_enabled(weights=False, activations=False)
+    fp = batched_logits(qm.module, holdout, 64)
+    qm.set_enabled(weights=False, activations=True)
+    acts_only = output_kl(fp, batched_logits(qm.module, holdout, 64))
+    qm.set_enabled(True, True)
+    both = output_kl(fp, batched_logits(qm.module, holdout, 64))
+    assert abs(res.scores[res.method] - acts_only) <= 1e-4 * acts_only
+    assert abs(both - acts_only) > 0.01 * acts_only   # the 4-bit weights do move the KL
+
+
 def test_calibration_with_fewer_than_eight_images_scores_on_them():
     # the held-out quarter needs 8 images; with fewer the rules are scored on the same images
     qm = quantize(tiny_resnet(), qconfig(bits=8), tiny_images(2))
