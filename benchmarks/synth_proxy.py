@@ -116,12 +116,13 @@ def main(argv=None) -> int:
     ap.add_argument("--name", required=True)
     ap.add_argument("--synth", default="{}", help="SynthConfig overrides as JSON")
     ap.add_argument("--iters", type=int, default=200, help="reconstruction iterations per layer")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="records file (the .md is written beside it)")
     ap.add_argument("--cache", type=Path, help="folder that keeps each image set for later runs (outside the repository)")
     ap.add_argument("--recon", default="{}", help="ReconstructConfig overrides as JSON (e.g. '{\"learn_step\": true}')")
     args = ap.parse_args(argv)
     record = run(args.name, json.loads(args.synth), args.iters, json.loads(args.recon), args.cache)
-    records = merge_records(RESULTS, [record], key=("name", "synth", "iters"))
-    write_markdown(RESULTS.with_suffix(".md"), records, COLUMNS,
+    records = merge_records(args.out, [record], key=("name", "synth", "iters"))
+    write_markdown(args.out.with_suffix(".md"), records, COLUMNS,
                    "BN-inversion image variants: EfficientNet-Lite0 W4A8 fake-quant top-1 after reconstruction (proxy)")
     print(json.dumps({k: record[k] for k in COLUMNS}))
     return 0
