@@ -130,7 +130,9 @@ class _Inserter:
             b_name = node.input[2]
             b = numpy_helper.to_array(self.inits[b_name]).astype(np.float32)
             step = (np.float32(in_entry.scale) * scale).astype(np.float32)
-            bq = np.clip(np.round(b / step), -(2**31), 2**31 - 1).astype(np.int32)
+            # clipped in float64: float32 has no 2**31 - 1 (it rounds up to 2**31, which the int32 cast wraps to
+            # -2**31, flipping the sign of a saturated bias)
+            bq = np.clip(np.round(b / step).astype(np.float64), -(2**31), 2**31 - 1).astype(np.int32)
             node_copy.input[2] = self._dequantized(b_name, bq, step, np.int32)
 
     def _dequantized(self, name: str, codes: np.ndarray, scale: np.ndarray, zp_type) -> str:

@@ -95,10 +95,21 @@ class _Net(nn.Module):
        residual=st.booleans(), relu6=st.booleans(), bits=st.sampled_from([8, 4]),
        target=st.sampled_from(["tensorrt", "onnxruntime"]), seed=st.integers(0, 1000))
 def test_random_conv_nets_export_faithfully(depth, width, data, residual, relu6, bits, target, seed):
-    torch.manual_seed(seed)
     widths = [width] + [data.draw(st.sampled_from([width, 2 * width])) for _ in range(depth)]
     kernels = [data.draw(st.sampled_from([1, 3])) for _ in range(depth)]
     strides = [data.draw(st.sampled_from([1, 2])) for _ in range(depth)]
+    _check_export(widths, kernels, strides, residual, relu6, bits, target, seed)
+
+
+def test_a_dead_net_keeps_its_saturated_int32_bias_sign():
+    """Found by the property above: every ReLU output zero, so the classifier's input step is the
+    1e-8 floor and its bias saturates the int32 grid; clipped in float32 (no 2**31 - 1 there) the
+    code wrapped to -2**31 and flipped the logit's sign."""
+    _check_export([4, 8, 4], [1, 1], [1, 2], False, False, 8, "onnxruntime", 195)
+
+
+def _check_export(widths, kernels, strides, residual, relu6, bits, target, seed):
+    torch.manual_seed(seed)
     net = randomize_bn(_Net(widths, kernels, strides, residual, relu6), seed).eval()
     x = torch.randn(64, 3, 12, 12, generator=torch.Generator().manual_seed(seed))
     qm = quantize(net, qconfig(bits=bits, target=target), x[:2])
