@@ -34,7 +34,7 @@ import torch
 from torch import fx, nn
 
 from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear
-from dfq.pipeline.quantize import QuantizedModel, is_add, module_of
+from dfq.pipeline.quantize import QuantizedModel, is_add, module_of, set_module
 
 DESCRIPTION = ("fake-quant model whose conv-output quantizers in front of residual Adds only clamp, as "
                "OpenVINO's fusion leaves them ({n} quantizers)")
@@ -73,9 +73,7 @@ class OpenVINOReference:
         self.skipped = fused_add_quantizers(qmodel)
         self.module = copy.deepcopy(qmodel.module).eval()
         for name in self.skipped:
-            parent, _, attr = name.rpartition(".")
-            owner = self.module.get_submodule(parent) if parent else self.module
-            setattr(owner, attr, ClampOnly(getattr(owner, attr)))
+            set_module(self.module, name, ClampOnly(self.module.get_submodule(name)))
         self.description = DESCRIPTION.format(n=len(self.skipped))
 
     @torch.no_grad()

@@ -289,7 +289,7 @@ def _fold_batchnorms(gm: fx.GraphModule) -> None:
                 "not supported yet.")
         if not bn.track_running_stats or bn.running_mean is None:
             raise UnsupportedModelError(f"BatchNorm '{node.target}' keeps no running statistics.")
-        _set_module(gm, str(prev.target), QuantConv2d(conv, bn, bits=8))
+        set_module(gm, str(prev.target), QuantConv2d(conv, bn, bits=8))
         node.replace_all_uses_with(prev)
         gm.graph.erase_node(node)
         _delete_module(gm, str(node.target))
@@ -329,9 +329,9 @@ def _replace_layers(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         m = module_of(gm, node)
         if isinstance(m, nn.Conv2d):
-            _set_module(gm, str(node.target), QuantConv2d(m, None, bits=8))
+            set_module(gm, str(node.target), QuantConv2d(m, None, bits=8))
         elif isinstance(m, nn.Linear):
-            _set_module(gm, str(node.target), QuantLinear(m, bits=8))
+            set_module(gm, str(node.target), QuantLinear(m, bits=8))
         elif isinstance(m, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d, nn.BatchNorm1d, nn.LayerNorm,
                             nn.GroupNorm, nn.MultiheadAttention)):
             raise UnsupportedModelError(
@@ -340,7 +340,8 @@ def _replace_layers(gm: fx.GraphModule) -> None:
                 "elementwise ops of CNN classifiers.")
 
 
-def _set_module(gm: fx.GraphModule, name: str, module: nn.Module) -> None:
+def set_module(gm: fx.GraphModule, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted submodule path ``name`` of ``gm`` (the graph keeps calling it by name)."""
     parent, _, leaf = name.rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
 

@@ -57,7 +57,7 @@ from dfq.kernels.fake_quant import Grid
 from dfq.pipeline.blocks import Block, BlockRunner, partition
 from dfq.pipeline.models import is_small_input
 from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d
-from dfq.pipeline.quantize import QuantizedModel, input_quantizer_of, layer_nodes, module_of
+from dfq.pipeline.quantize import QuantizedModel, input_quantizer_of, layer_nodes, module_of, set_module
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -129,7 +129,8 @@ class _LearnedRounding(nn.Module):
         super().__init__()
         self.scale0, self.grid, self.enabled = scale.detach(), grid, True
         self.log_gain = nn.Parameter(torch.zeros_like(self.scale0), requires_grad=learn_step)
-        s = self.scale0.clamp(min=1e-12).reshape([-1] + [1] * (w.dim() - 1))
+        with torch.no_grad():   # the base stays out of the step's graph
+            s = self._s(w)
         self.floor = torch.floor(w.detach() / s)
         frac = (w.detach() / s - self.floor).clamp(0.01, 0.99)
         self.v = nn.Parameter(torch.log((frac - GAMMA) / (ZETA - frac)))   # h(v) == frac
@@ -306,8 +307,9 @@ def _reconstruct_layer(qmodel: QuantizedModel, fp_model: QuantizedModel, node: f
     in_scale = gm.get_submodule(str(aq.target)).scale.detach() if aq is not None else None
 
     energy = _input_energy(layer, x_fp) if cfg.diag_mix > 0 else None
-    with torch.no_grad():
-        w = layer.folded()[0].detach()
+    if energy is not None:
+        with torch.no_grad():
+            w = layer.folded()[0].detach()
 
     def batch_loss(it: int) -> torch.Tensor:
         idx = torch.randint(0, len(images), (min(cfg.batch, len(images)),), generator=gen)
@@ -355,17 +357,14 @@ class _DroppedQuantizer(nn.Module):
 @contextlib.contextmanager
 def _swapped(gm: fx.GraphModule, modules: dict[str, nn.Module]):
     """Replace the named submodules of ``gm`` for the duration of the block."""
-    old = {}
+    old = {name: gm.get_submodule(name) for name in modules}
     for name, new in modules.items():
-        parent, _, attr = name.rpartition(".")
-        owner = gm.get_submodule(parent) if parent else gm
-        old[name] = (owner, attr, getattr(owner, attr))
-        setattr(owner, attr, new)
+        set_module(gm, name, new)
     try:
         yield
     finally:
-        for owner, attr, module in old.values():
-            setattr(owner, attr, module)
+        for name, module in old.items():
+            set_module(gm, name, module)
 
 
 @torch.no_grad()
