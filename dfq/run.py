@@ -32,6 +32,7 @@ def _run_stages(run: S.Run) -> ExportReport | None:
     if not run.info.main:
         return None                   # only rank 0 exports, checks and writes
     bias = S.bias_correct_stage(run, data, quantized)
+    S.tie_stage(run, quantized)
     with StagedOutputs() as staged:   # nothing reaches an output path before it is verified
         artifact = S.export_stage(run, quantized, staged)
         fidelity = S.verify_stage(run, inputs, data, quantized, artifact)

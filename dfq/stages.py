@@ -42,6 +42,7 @@ from dfq.pipeline.sensitivity import LayerSensitivity, layer_costs, layer_sensit
 from dfq.pipeline.recipes import RECIPES, Recipe
 from dfq.pipeline.reconstruct import ReconstructConfig, reconstruct
 from dfq.pipeline.synthesize import SynthConfig, synthesize
+from dfq.pipeline.ties import NUDGE, break_ties
 from dfq.job import ExportJob
 from dfq.report import ExportReport
 
@@ -246,6 +247,7 @@ class Quantized:
     calibration: CalibrationResult
     fp_twin: onnx.ModelProto          # the FP model's graph (BN folded), before any weight changes
     fp_holdout: torch.Tensor | None   # the FP model's logits on the held-out images
+    ties: dict | None = None          # weight steps moved off requantization ties (pipeline.ties)
 
 
 def _quant_config(run: Run, **fields) -> QuantConfig:
@@ -359,6 +361,16 @@ def bias_correct_stage(run: Run, data: SyntheticData, q: Quantized) -> BiasCorre
     return result
 
 
+def tie_stage(run: Run, q: Quantized) -> None:
+    """Move the weight steps of channels whose requantization can tie (:mod:`dfq.pipeline.ties`), the
+    last change to the model before export, so every runtime rounds their outputs alike."""
+    report = break_ties(q.qmodel)
+    q.ties = report.to_dict()
+    if report.moved:
+        run.log(f"[dfq] moved the weight step of {report.moved} output channels in {len(report.channels)} layers by "
+                f"{100 * NUDGE:.2f}%: their requantization could land exactly between two codes, which runtimes round apart")
+
+
 # -- export, verify, measure ------------------------------------------------------------------
 
 @dataclass
@@ -451,7 +463,7 @@ def report_stage(run: Run, inputs: Inputs, data: SyntheticData, sensitivity: Sen
     return ExportReport(
         command=command_line(), commit=run.commit, machine=machine_info(), job=job.to_dict(),
         model={"arch": loaded.spec.name, "spec": loaded.spec.to_dict(), "source": loaded.source},
-        synthesis=data.to_dict(job.method), quant=_quant_section(run, q.qmodel),
+        synthesis=data.to_dict(job.method), quant={**_quant_section(run, q.qmodel), "requant_ties": q.ties},
         calibration={**q.calibration.to_dict(), "bias_correction": None if bias is None else bias.to_dict()},
         finetune=finetune_section, graph_rewrites=artifact.exported.rewrites, rule_violations=artifact.violations,
         fidelity=fidelity, latency=latency, outputs=outputs, timings_s=run.timings,

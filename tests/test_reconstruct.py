@@ -209,3 +209,25 @@ def test_cli_low_bits_default_to_recon_with_its_iterations(tmp_path):
     assert report["job"]["method"] == "recon" and not report["finetune"]["ran"]
     cfg = report["reconstruction"]["config"]
     assert cfg["iterations"] == 5 and abs(cfg["lr"] - 3 / 5) < 1e-12      # the step size follows the schedule
+
+
+def test_learned_activation_steps_move_once_each_and_the_export_arithmetic_holds():
+    """With act_step_lr every 4-bit activation quantizer read directly by a reconstructed layer gets
+    a learned step (by its first reader), the weights still sit on their grid, and the layers' error
+    falls; a negative rate is refused."""
+    import pytest
+
+    model = tiny_resnet(4)
+    images = tiny_images(64, seed=3)
+    qm = quantize(model, qconfig(bits=4), images[:2])
+    calibrate(qm, images)
+    calibrated = {n: q.scale.detach().clone() for n, q in qm.act_quantizers().items()}
+    before = _layer_mse(qm, model, images)
+    res = reconstruct(qm, images, ReconstructConfig(iterations=200, batch=16, act_step_lr=1e-2), progress=False)
+    assert res.last_loss < res.first_loss
+    moved = [n for n, q in qm.act_quantizers().items() if not torch.allclose(q.scale, calibrated[n])]
+    assert moved and all(not q.scale.requires_grad for q in qm.act_quantizers().values())
+    _assert_weights_on_grid(qm)
+    assert sum(_layer_mse(qm, model, images).values()) < sum(before.values())
+    with pytest.raises(ValueError, match="act_step_lr"):
+        ReconstructConfig(act_step_lr=-1e-3)

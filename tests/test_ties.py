@@ -1,0 +1,57 @@
+"""Requantization ties: a channel whose ratio s_in * s_w / s_out makes a reachable accumulator land
+on a half-integer is found and its weight step moved until no tie remains; other channels, and
+schemes without int32 biases, are left alone."""
+import numpy as np
+import torch
+
+from dfq.pipeline.calibrate import calibrate
+from dfq.pipeline.quantize import input_quantizer_of, layer_nodes, module_of, quantize
+from dfq.pipeline.ties import NUDGE, _layer_ratio, break_ties, output_quantizer_of, tied_channels
+from tests.tiny import qconfig, tiny_images, tiny_resnet
+
+
+def test_tied_channels_needs_a_reachable_half_integer():
+    r = np.array([5 / 148, 5 / 148, 0.0337, 1 / 3])
+    reach = np.array([100.0, 50.0, 1e6, 1e6])
+    # 74 * 5/148 = 2.5 (reachable only in the first); 0.0337 and 1/3 never give a half-integer
+    assert tied_channels(r, reach, 0, 15).tolist() == [True, False, False, False]
+    assert tied_channels(np.array([5 / 148]), np.array([100.0]), -8, 7).tolist() == [True]
+
+
+def _requantized_layer(qm):
+    gm = qm.module
+    for node in layer_nodes(gm):
+        out_q, in_node = output_quantizer_of(gm, node), input_quantizer_of(gm, node)
+        if out_q is not None and in_node is not None and module_of(gm, node).weight_quantizer.bits == 4:
+            return str(node.target), module_of(gm, node), module_of(gm, in_node), out_q
+    raise AssertionError("no requantized 4-bit layer")
+
+
+def test_a_forced_tie_is_moved_and_nothing_else():
+    model = tiny_resnet(4)
+    images = tiny_images(32, seed=3)
+    qm = quantize(model, qconfig(bits=4), images[:2])
+    calibrate(qm, images)
+    break_ties(qm)                                  # whatever ties the calibration happened to make
+    name, layer, in_q, out_q = _requantized_layer(qm)
+    with torch.no_grad():                           # channel 0: r = 5/148, ties at accumulator 74
+        layer.weight_quantizer.scale[0] = float(out_q.scale) * 5 / 148 / float(in_q.scale)
+    before = layer.weight_quantizer.scale.detach().clone()
+    r, reach = _layer_ratio(layer, in_q, out_q)
+    assert reach[0] >= 74 and tied_channels(r, reach, out_q.grid.qmin, out_q.grid.qmax)[0]
+    report = break_ties(qm)
+    assert report.channels == {name: [0]} and report.moved == 1
+    after = layer.weight_quantizer.scale.detach()
+    assert torch.equal(after[1:], before[1:])
+    assert 1 < float(after[0] / before[0]) <= (1 + NUDGE) ** 16
+    r, reach = _layer_ratio(layer, in_q, out_q)
+    assert not tied_channels(r, reach, out_q.grid.qmin, out_q.grid.qmax).any()
+    assert report.to_dict()["moved"] == 1
+
+
+def test_schemes_without_int32_biases_are_left_alone():
+    model = tiny_resnet(4)
+    images = tiny_images(32, seed=3)
+    qm = quantize(model, qconfig("tensorrt", bits=4), images[:2])
+    calibrate(qm, images)
+    assert break_ties(qm).moved == 0
