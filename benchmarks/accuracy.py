@@ -69,6 +69,7 @@ def main(argv=None) -> int:
         "agreement_float_fakequant": f.get("agreement_float_fakequant"), "reference": f.get("reference"),
         "agreement_openvino": f.get("agreement_openvino"), "top1_openvino": f.get("top1_openvino"),
         "relative_logit_error": f.get("relative_logit_error"),
+        "requant_ties_moved": (rep["quant"].get("requant_ties") or {}).get("moved"),
         "images": f["images"],
         "steps": (rep.get("finetune", {}).get("result") or {}).get("steps", 0),
         "batch": (rep.get("finetune", {}).get("config") or {}).get("batch"),
