@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from dfq.export.integer_layers import ExactAccumulator, weight_codes
-from dfq.pipeline.qmodules import QuantConv2d, QuantLinear
+from dfq.export.integer_layers import ExactAccumulator
+from dfq.pipeline.qmodules import QuantConv2d, QuantLinear, weight_codes
 from dfq.pipeline.quantize import QuantizedModel, input_quantizer_of, module_of
 
 DESCRIPTION = "fake-quant model with exact integer accumulation in every quantized conv/linear"

@@ -13,18 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dfq.kernels.fake_quant import Grid, quantize_to_int
+from dfq.kernels.fake_quant import Grid
 
 F32_EXACT = 2 ** 24   # integers below this are exact in float32, and so are sums that stay below it
-
-
-def weight_codes(m) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(w_q, s_w, b)`` of a QuantConv2d/QuantLinear: the integer weight codes (float32 tensor),
-    the float32 per-channel weight step, and the BN-folded float bias."""
-    w, b = (t.detach().float() for t in m.folded())
-    s_w = m.weight_quantizer.scale.detach().float().clamp(min=1e-12)
-    shape = [-1] + [1] * (w.dim() - 1)
-    return quantize_to_int(w, s_w.reshape(shape), m.weight_quantizer.grid), s_w, b
 
 
 def _grid_max(grid: Grid) -> int:

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from dfq.export.integer_layers import ExactAccumulator, weight_codes
+from dfq.export.integer_layers import ExactAccumulator
 from dfq.kernels.fake_quant import Grid
-from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear
+from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear, weight_codes
 from dfq.pipeline.quantize import (
     QuantizedModel,
     _is_pool,

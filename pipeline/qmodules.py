@@ -24,6 +24,7 @@ from dfq.kernels.fake_quant import (
     fake_quantize,
     lsq_grad_scale,
     mse_optimal_scale,
+    quantize_to_int,
     weight_grid,
 )
 
@@ -203,3 +204,11 @@ class QuantLinear(nn.Module):
         w = self.weight_quantizer(self.weight)
         return F.linear(x, w, self.quantized_bias(self.bias, input_scale))
 
+
+def weight_codes(m) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(w_q, s_w, b)`` of a QuantConv2d/QuantLinear: the integer weight codes (float32 tensor),
+    the float32 per-channel weight step, and the BN-folded float bias."""
+    w, b = (t.detach().float() for t in m.folded())
+    s_w = m.weight_quantizer.scale.detach().float().clamp(min=1e-12)
+    shape = [-1] + [1] * (w.dim() - 1)
+    return quantize_to_int(w, s_w.reshape(shape), m.weight_quantizer.grid), s_w, b

@@ -363,7 +363,7 @@ def _learned_input_quantizer(gm: fx.GraphModule, node: fx.Node, cfg: Reconstruct
     if cfg.act_step_lr <= 0 or not isinstance(quantizer, ActQuantizer) or quantizer.bits >= 8:
         return None
     first = next(n for n in layer_nodes(gm) if n.args and n.args[0] is src)
-    return module_of(gm, src) if first is node else None
+    return quantizer if first is node else None
 
 
 def _capture_quantizer_input(model: QuantizedModel, quantizer: nn.Module, layer: nn.Module,

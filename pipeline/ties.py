@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear
+from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear, weight_codes
 from dfq.pipeline.quantize import QuantizedModel, input_quantizer_of, is_clip_activation, layer_nodes, module_of
 
 NUDGE = 2.0 ** -10        # relative change of a tied channel's weight step per attempt
@@ -67,14 +67,10 @@ def tied_channels(r: np.ndarray, reach: np.ndarray, qmin: int, qmax: int) -> np.
 
 def _layer_ratio(layer, in_q: ActQuantizer, out_q: ActQuantizer) -> tuple[np.ndarray, np.ndarray]:
     """(r per channel, reachable |accumulator| per channel), from the float32 steps as exported."""
-    s_in = np.float32(in_q.scale.detach())
-    s_w = layer.weight_quantizer.scale.detach().numpy().astype(np.float32)
-    w, b = layer.folded()
-    codes = torch.round(w.detach() / layer.weight_quantizer.scale.detach().reshape([-1] + [1] * (w.dim() - 1)))
+    codes, s_w, b = weight_codes(layer)
+    step = (np.float32(in_q.scale.detach()) * s_w.numpy()).astype(np.float32)   # the int32 bias's step
     x_max = max(abs(in_q.grid.qmin), abs(in_q.grid.qmax))
-    step = (s_in * s_w).astype(np.float32)
-    bias = np.abs(np.round(b.detach().numpy() / step)) if b is not None else 0.0
-    reach = codes.abs().flatten(1).sum(1).numpy() * x_max + bias
+    reach = codes.abs().flatten(1).sum(1).numpy() * x_max + np.abs(np.round(b.numpy() / step))
     return step.astype(np.float64) / np.float64(np.float32(out_q.scale.detach())), reach
 
 
