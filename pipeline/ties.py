@@ -11,6 +11,18 @@ accumulator occurs: on a ResNet-56 W4A4 artifact one channel with ``r`` = 5/148 
 -> 2.5 steps) alone moved OpenVINO's top-1 agreement with ONNX Runtime's arithmetic to 99.22% on the
 10,000 CIFAR-10 test images; with the near-tie channels' weight steps moved as below, 100.00%.
 
+A conv output that only feeds residual Adds has a second tie: OpenVINO fuses the Add into the
+conv, keeps only the clamp of the conv's output quantizer and requantizes the sum
+(``export/openvino_reference.py``), so the Add's output code is ``round(acc * a + j * b)`` with
+``a = s_in * s_w[c] / s_add_out``, ``b = s_skip / s_add_out`` and ``j`` a code of the skip tensor.
+A reachable ``acc`` (inside the clamp) and ``j`` that put the sum within float32 error of a
+half-integer count as a near-tie too. On a ResNet-56 W4A4 ``recon`` artifact whose conv ties were
+already moved, OpenVINO agreed 99.43% with its reference (10,000 CIFAR-10 images, the first
+differing codes at 8.5 steps of a 4-bit residual output); moving the weight steps of the 229 channels
+with such a near-tie gave 100.00%. Only Add outputs below 8 bits are checked: at 8 bits every channel
+has such a near-tie whatever its step (ResNet-20 W8A8: all 336 channels that feed an Add), so none
+could be cleared, and the check costs seconds per wide layer.
+
 :func:`break_ties` scales the weight step of each such channel by ``1 + 2**-10`` (again while a
 near-tie remains, at most :data:`ATTEMPTS` times) before export, so the fake-quant model, the integer
 references and the artifact all carry the same moved step. A channel keeps a moved step only when
@@ -31,7 +43,8 @@ import torch
 from torch import fx
 
 from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear, weight_codes
-from dfq.pipeline.quantize import QuantizedModel, input_quantizer_of, is_clip_activation, layer_nodes, module_of
+from dfq.pipeline.quantize import (QuantizedModel, input_quantizer_of, is_add, is_clip_activation, layer_nodes,
+                                   module_of, source_of)
 
 NUDGE = 2.0 ** -10        # relative change of a tied channel's weight step per attempt
 TOLERANCE = 2.0 ** -22    # relative distance from a half-integer that counts as a tie
@@ -72,6 +85,44 @@ def tied_channels(r: np.ndarray, reach: np.ndarray, qmin: int, qmax: int) -> np.
     return (near & (np.abs(acc) <= reach[:, None]) & (acc != 0)).any(axis=1)
 
 
+def residual_adds(gm: fx.GraphModule, node: fx.Node) -> list[tuple[ActQuantizer, ActQuantizer]]:
+    """For a layer whose output quantizer's readers are all Adds (the conv -> Add pair OpenVINO
+    fuses): ``(skip quantizer, Add output quantizer)`` per Add; [] otherwise, or when either is
+    missing."""
+    users = list(node.users)
+    if len(users) != 1 or not isinstance(module_of(gm, users[0]), ActQuantizer):
+        return []
+    q_node = users[0]
+    if not q_node.users or not all(is_add(u) for u in q_node.users):
+        return []
+    found = []
+    for add in q_node.users:
+        other = add.args[1] if add.args[0] is q_node else add.args[0]
+        skip = module_of(gm, source_of(gm, other)) if isinstance(other, fx.Node) else None
+        out = output_quantizer_of(gm, add)
+        if not isinstance(skip, ActQuantizer) or out is None or not (skip.enabled and out.enabled):
+            return []
+        found.append((skip, out))
+    return found
+
+
+def add_tied_channels(a: np.ndarray, reach: np.ndarray, acc_range: tuple[np.ndarray, np.ndarray], b: float,
+                      skip_codes: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    """Mask of the channels with a residual-Add near-tie: ``acc * a + j * b`` near a half-integer of
+    [qmin, qmax] for a skip code ``j`` and a nonzero reachable accumulator with ``acc * a`` inside
+    ``acc_range`` (the clamp, per channel, in output steps)."""
+    half = np.arange(qmin, qmax, dtype=np.float64) + 0.5
+    tol = TOLERANCE * np.maximum(1.0, np.abs(half))[None, :]
+    tied = np.zeros(len(a), dtype=bool)
+    for j in skip_codes.astype(np.float64):
+        acc = np.round((half[None, :] - j * b) / a[:, None])
+        v = acc * a[:, None]
+        near = (np.abs(v + j * b - half[None, :]) < tol) & (np.abs(acc) <= reach[:, None]) & (acc != 0)
+        near &= (v >= acc_range[0][:, None]) & (v <= acc_range[1][:, None])
+        tied |= near.any(axis=1)
+    return tied
+
+
 def _layer_ratio(layer, in_q: ActQuantizer, out_q: ActQuantizer) -> tuple[np.ndarray, np.ndarray]:
     """(r per channel, reachable |accumulator| per channel), from the float32 steps as exported."""
     codes, s_w, b = weight_codes(layer)
@@ -81,19 +132,37 @@ def _layer_ratio(layer, in_q: ActQuantizer, out_q: ActQuantizer) -> tuple[np.nda
     return step.astype(np.float64) / np.float64(np.float32(out_q.scale.detach())), reach
 
 
+def _tied(layer, in_q: ActQuantizer, out_q: ActQuantizer, adds: list[tuple[ActQuantizer, ActQuantizer]]) -> np.ndarray:
+    """Channels with a near-tie in the layer's requantization or in a residual Add it feeds."""
+    r, reach = _layer_ratio(layer, in_q, out_q)
+    tied = tied_channels(r, reach, out_q.grid.qmin, out_q.grid.qmax)
+    s_a = float(np.float32(out_q.scale.detach()))
+    for skip, add_q in adds:
+        if add_q.bits >= 8:
+            continue
+        s_out = np.float64(np.float32(add_q.scale.detach()))
+        a = r * np.float64(np.float32(out_q.scale.detach())) / s_out        # s_in * s_w / s_add_out
+        clamp = (np.full_like(a, out_q.grid.qmin * s_a / s_out), np.full_like(a, out_q.grid.qmax * s_a / s_out))
+        b = float(np.float32(skip.scale.detach())) / s_out
+        codes = np.arange(skip.grid.qmin, skip.grid.qmax + 1)
+        tied |= add_tied_channels(a, reach, clamp, b, codes, add_q.grid.qmin, add_q.grid.qmax)
+    return tied
+
+
 @torch.no_grad()
-def _clear_ties(layer, in_q: ActQuantizer, out_q: ActQuantizer) -> tuple[np.ndarray, int]:
+def _clear_ties(layer, in_q: ActQuantizer, out_q: ActQuantizer,
+                adds: list[tuple[ActQuantizer, ActQuantizer]]) -> tuple[np.ndarray, int]:
     """Nudge the tied channels' weight steps until they are tie-free; channels still tied after
     :data:`ATTEMPTS` nudges get their step back. Returns (mask of moved channels, unresolved count)."""
     scale = layer.weight_quantizer.scale
     start = scale.detach().clone()
-    tied = tied_channels(*_layer_ratio(layer, in_q, out_q), out_q.grid.qmin, out_q.grid.qmax)
+    tied = _tied(layer, in_q, out_q, adds)
     first = tied.copy()
     for _ in range(ATTEMPTS):
         if not tied.any():
             break
         scale[torch.from_numpy(tied)] *= 1 + NUDGE
-        tied = tied_channels(*_layer_ratio(layer, in_q, out_q), out_q.grid.qmin, out_q.grid.qmax)
+        tied = _tied(layer, in_q, out_q, adds)
     keep = torch.from_numpy(tied)
     scale[keep] = start[keep]
     return first & ~tied, int(tied.sum())
@@ -114,7 +183,7 @@ def break_ties(qmodel: QuantizedModel) -> TieReport:
         if not isinstance(layer, (QuantConv2d, QuantLinear)) or in_node is None or out_q is None \
                 or not out_q.enabled or not layer.weight_quantizer.enabled:
             continue
-        moved, left = _clear_ties(layer, module_of(gm, in_node), out_q)
+        moved, left = _clear_ties(layer, module_of(gm, in_node), out_q, residual_adds(gm, node))
         if moved.any():
             report.channels[str(node.target)] = [int(c) for c in np.flatnonzero(moved)]
         if left:

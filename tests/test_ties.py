@@ -6,7 +6,8 @@ import torch
 
 from dfq.pipeline.calibrate import calibrate
 from dfq.pipeline.quantize import input_quantizer_of, layer_nodes, module_of, quantize
-from dfq.pipeline.ties import NUDGE, _layer_ratio, break_ties, output_quantizer_of, tied_channels
+from dfq.pipeline.ties import (NUDGE, _layer_ratio, _tied, add_tied_channels, break_ties, output_quantizer_of,
+                              residual_adds, tied_channels)
 from tests.tiny import qconfig, tiny_images, tiny_resnet
 
 
@@ -76,7 +77,40 @@ def test_a_move_is_kept_only_where_it_clears_every_near_tie():
         after = layer.weight_quantizer.scale.detach()
         changed = torch.nonzero(after != before[name]).flatten().tolist()
         assert changed == report.channels.get(name, [])
-        r, reach = _layer_ratio(layer, module_of(gm, in_node), out_q)
-        tied = tied_channels(r, reach, out_q.grid.qmin, out_q.grid.qmax)
+        tied = _tied(layer, module_of(gm, in_node), out_q, residual_adds(gm, node))
         assert not tied[changed].any()
         assert int(tied.sum()) == report.unresolved.get(name, 0)
+
+
+def test_add_tied_channels_needs_a_skip_code_and_a_reachable_accumulator_in_the_clamp():
+    a, reach = np.array([0.25, 0.25, 0.37]), np.array([10.0, 10.0, 10.0])
+    wide = (np.full(3, -100.0), np.full(3, 100.0))
+    # 0.25 * 2 + j = 0.5 + j ties; 0.37 * acc + j (acc <= 10) is never within float error of a half-integer
+    assert add_tied_channels(a, reach, wide, 1.0, np.array([0, 1]), 0, 15).tolist() == [True, True, False]
+    narrow = (np.full(3, -0.1), np.full(3, 0.1))              # every nonzero accumulator is clamped
+    assert not add_tied_channels(a, reach, narrow, 1.0, np.array([0, 1]), 0, 15).any()
+    # 0.3 * acc + j * 0.2: 0.3 * 5 + 0 = 1.5 ties; only reachable when reach >= 5
+    assert add_tied_channels(np.array([0.3, 0.3]), np.array([5.0, 4.0]), (np.full(2, -9.0), np.full(2, 9.0)),
+                             0.2, np.array([0]), 0, 15).tolist() == [True, False]
+
+
+def test_a_forced_residual_add_tie_is_moved():
+    model = tiny_resnet(4)
+    images = tiny_images(32, seed=3)
+    qm = quantize(model, qconfig(bits=4), images[:2])
+    calibrate(qm, images)
+    break_ties(qm)
+    gm = qm.module
+    node = next(n for n in layer_nodes(gm) if residual_adds(gm, n) and input_quantizer_of(gm, n) is not None)
+    layer, in_q = module_of(gm, node), module_of(gm, input_quantizer_of(gm, node))
+    out_q = output_quantizer_of(gm, node)
+    adds = residual_adds(gm, node)
+    add_q = adds[0][1]
+    with torch.no_grad():     # channel 0: a = s_in * s_w / s_add_out = 1/2, so accumulator 1 with skip code 0 gives 0.5
+        layer.weight_quantizer.scale[0] = float(add_q.scale) * 0.5 / float(in_q.scale)
+    assert _tied(layer, in_q, out_q, adds)[0]
+    before = layer.weight_quantizer.scale.detach().clone()
+    report = break_ties(qm)
+    assert 0 in report.channels.get(str(node.target), [])
+    assert not _tied(layer, in_q, out_q, adds)[0]
+    assert torch.equal(layer.weight_quantizer.scale.detach()[1:], before[1:])
