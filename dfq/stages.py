@@ -372,7 +372,7 @@ def tie_stage(run: Run, q: Quantized) -> None:
     left = sum(report.unresolved.values())
     if left:
         run.log(f"[dfq] {left} output channels keep a requantization near-tie that moving their weight step did not "
-                f"clear (typical of 8-bit outputs); their steps are left as calibrated")
+                f"clear; their steps are left as calibrated")
 
 
 # -- export, verify, measure ------------------------------------------------------------------

@@ -6,6 +6,7 @@ import torch
 
 from dfq.pipeline.calibrate import calibrate
 from dfq.pipeline.quantize import input_quantizer_of, layer_nodes, module_of, quantize
+from dfq.pipeline import ties
 from dfq.pipeline.ties import (NUDGE, _layer_ratio, _tied, add_tied_channels, break_ties, output_quantizer_of,
                               residual_adds, tied_channels)
 from tests.tiny import qconfig, tiny_images, tiny_resnet
@@ -58,9 +59,19 @@ def test_schemes_without_int32_biases_are_left_alone():
     assert break_ties(qm).moved == 0
 
 
-def test_a_move_is_kept_only_where_it_clears_every_near_tie():
-    """8-bit outputs: many channels keep some float32-level near-tie whatever their step; those get
-    their calibrated step back, the moved ones end tie-free."""
+def test_8_bit_outputs_are_left_alone():
+    model = tiny_resnet(4)
+    images = tiny_images(32, seed=3)
+    qm = quantize(model, qconfig(bits=8), images[:2])
+    calibrate(qm, images)
+    report = break_ties(qm)
+    assert report.moved == 0 and not report.unresolved
+
+
+def test_a_move_is_kept_only_where_it_clears_every_near_tie(monkeypatch):
+    """8-bit outputs checked on purpose: many channels keep some float32-level near-tie whatever
+    their step; those get their calibrated step back, the moved ones end tie-free."""
+    monkeypatch.setattr(ties, "BELOW_BITS", 9)
     model = tiny_resnet(4)
     images = tiny_images(32, seed=3)
     qm = quantize(model, qconfig(bits=8), images[:2])
