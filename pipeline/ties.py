@@ -33,13 +33,15 @@ near-tie remains, at most :data:`ATTEMPTS` times) before export, so the fake-qua
 references and the artifact all carry the same moved step. A channel keeps a moved step only when
 the move clears every near-tie; otherwise its calibrated step comes back and it is reported as
 unresolved. The nudge is 256 float32 ulps of the step, 64 times the tie tolerance, so a cleared
-tie stays cleared in any runtime's float32 arithmetic, and small enough that the channel's outputs move by at most 16 * 2**-16 = 0.02%.
-What does change is the code at each former tie: the model was calibrated and reconstructed with
-ties rounded half to even, and after the nudge they round up. On the ResNet-56 W4A4 seed-0
-artifact that moved the drop from 1.60 to 1.95 points (1.94 with a 2**-10 nudge, so not the nudge's
-size) while OpenVINO's agreement went from 99.39% to 100.00%. A near-tie: ``|acc * r - (k + 1/2)| < 2**-22 * max(1, |k + 1/2|)``
-(a few float32 ulps) for a half-integer ``k + 1/2`` inside the output grid and an accumulator within
-the channel's reachable bound ``|b| + sum|w codes| * max|x code|``.
+tie stays cleared in any runtime's float32 arithmetic, and small enough that the channel's outputs
+move by at most 16 * 2**-16 = 0.02%. What does change is the code at each former tie: the model was
+calibrated and reconstructed with ties rounded half to even, and after the nudge they round up. On
+the ResNet-56 W4A4 seed-0 artifact that moved the drop from 1.60 to 1.95 points (1.94 with a 2**-10
+nudge, so not the nudge's size) while OpenVINO's agreement went from 99.39% to 100.00%.
+
+A near-tie: ``|acc * r - (k + 1/2)| < 2**-22 * max(1, |k + 1/2|)`` (a few float32 ulps) for a
+half-integer ``k + 1/2`` inside the output grid and an accumulator within the channel's reachable
+bound ``|b| + sum|w codes| * max|x code|``.
 """
 from __future__ import annotations
 
@@ -131,29 +133,41 @@ def add_tied_channels(a: np.ndarray, reach: np.ndarray, acc_range: tuple[np.ndar
     return tied
 
 
-def _layer_ratio(layer, in_q: ActQuantizer, out_q: ActQuantizer) -> tuple[np.ndarray, np.ndarray]:
-    """(r per channel, reachable |accumulator| per channel), from the float32 steps as exported."""
+def _step(q: ActQuantizer) -> np.float64:
+    """An activation quantizer's step as exported (float32), in float64."""
+    return np.float64(np.float32(q.scale.detach()))
+
+
+def _accumulator_step(layer, in_q: ActQuantizer) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 step ``s_in * s_w`` of the integer accumulator per channel, as float64; reachable
+    |accumulator| per channel)."""
     codes, s_w, b = weight_codes(layer)
     step = (np.float32(in_q.scale.detach()) * s_w.numpy()).astype(np.float32)   # the int32 bias's step
     x_max = max(abs(in_q.grid.qmin), abs(in_q.grid.qmax))
     reach = codes.abs().flatten(1).sum(1).numpy() * x_max + np.abs(np.round(b.numpy() / step))
-    return step.astype(np.float64) / np.float64(np.float32(out_q.scale.detach())), reach
+    return step.astype(np.float64), reach
+
+
+def _layer_ratio(layer, in_q: ActQuantizer, out_q: ActQuantizer) -> tuple[np.ndarray, np.ndarray]:
+    """(r per channel, reachable |accumulator| per channel), from the float32 steps as exported."""
+    step, reach = _accumulator_step(layer, in_q)
+    return step / _step(out_q), reach
 
 
 def _tied(layer, in_q: ActQuantizer, out_q: ActQuantizer, adds: list[tuple[ActQuantizer, ActQuantizer]]) -> np.ndarray:
     """Channels with a near-tie in the layer's requantization or in a residual Add it feeds."""
-    r, reach = _layer_ratio(layer, in_q, out_q)
-    tied = np.zeros(len(r), dtype=bool)
+    step, reach = _accumulator_step(layer, in_q)
+    tied = np.zeros(len(step), dtype=bool)
     if out_q.bits < BELOW_BITS:
-        tied |= tied_channels(r, reach, out_q.grid.qmin, out_q.grid.qmax)
-    s_a = float(np.float32(out_q.scale.detach()))
+        tied |= tied_channels(step / _step(out_q), reach, out_q.grid.qmin, out_q.grid.qmax)
     for skip, add_q in adds:
         if add_q.bits >= BELOW_BITS:
             continue
-        s_out = np.float64(np.float32(add_q.scale.detach()))
-        a = r * np.float64(np.float32(out_q.scale.detach())) / s_out        # s_in * s_w / s_add_out
-        clamp = (np.full_like(a, out_q.grid.qmin * s_a / s_out), np.full_like(a, out_q.grid.qmax * s_a / s_out))
-        b = float(np.float32(skip.scale.detach())) / s_out
+        s_out = _step(add_q)
+        a = step / s_out                                                     # s_in * s_w / s_add_out
+        lo, hi = (g * _step(out_q) / s_out for g in (out_q.grid.qmin, out_q.grid.qmax))   # the clamp, in output steps
+        clamp = (np.full_like(a, lo), np.full_like(a, hi))
+        b = float(_step(skip) / s_out)
         codes = np.arange(skip.grid.qmin, skip.grid.qmax + 1)
         tied |= add_tied_channels(a, reach, clamp, b, codes, add_q.grid.qmin, add_q.grid.qmax)
     return tied
