@@ -86,13 +86,35 @@ def output_quantizer_of(gm: fx.GraphModule, node: fx.Node) -> ActQuantizer | Non
     return None
 
 
+def _near_ties(r: np.ndarray, reach: np.ndarray, qmin: int, qmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mask [channel, half-integer] of near-ties, their accumulators, the code below each
+    half-integer) for per-channel ratios ``r`` and reachable |accumulator| ``reach``."""
+    below = np.arange(qmin, qmax, dtype=np.float64)
+    half = below + 0.5                                                      # ties between two codes
+    acc = np.round(half[None, :] / r[:, None])                              # the nearest accumulators
+    near = np.abs(acc * r[:, None] - half[None, :]) < TOLERANCE * np.maximum(1.0, np.abs(half))[None, :]
+    return near & (np.abs(acc) <= reach[:, None]) & (acc != 0), acc, below
+
+
 def tied_channels(r: np.ndarray, reach: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
     """Mask of the channels with a near-tie: ``r`` the per-channel ratio, ``reach`` the largest
     reachable |accumulator|, codes in [qmin, qmax]."""
-    half = np.arange(qmin, qmax, dtype=np.float64) + 0.5                  # ties between two codes
-    acc = np.round(half[None, :] / r[:, None])                              # the nearest accumulators
-    near = np.abs(acc * r[:, None] - half[None, :]) < TOLERANCE * np.maximum(1.0, np.abs(half))[None, :]
-    return (near & (np.abs(acc) <= reach[:, None]) & (acc != 0)).any(axis=1)
+    return _near_ties(r, reach, qmin, qmax)[0].any(axis=1)
+
+
+def nudge_directions(step: np.ndarray, s_out: np.float64, reach: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    """Per channel, the direction (+1: a larger weight step, -1: a smaller one) that keeps the most
+    of its requantization near-ties at the code ONNX Runtime gives them at the current step:
+    ``round_half_even(float32(acc) * M)`` with ``M = float32(step / s_out)`` (``ort_reference``).
+    A larger step moves a tie at ``k + 1/2`` to ``k + 1`` for a positive accumulator and to ``k``
+    for a negative one, a smaller step the other way. Channels without such a tie, and even votes,
+    get +1."""
+    multiplier = (step.astype(np.float32) / np.float32(s_out)).astype(np.float32)
+    near, acc, below = _near_ties(step / s_out, reach, qmin, qmax)
+    code = np.rint(acc.astype(np.float32) * multiplier[:, None]).astype(np.float64)    # float32 product
+    up = np.where(acc > 0, below[None, :] + 1, below[None, :])
+    vote = np.where(code == up, 1, -1) * near
+    return np.where(vote.sum(axis=1) >= 0, 1.0, -1.0)
 
 
 def residual_adds(gm: fx.GraphModule, node: fx.Node) -> list[tuple[ActQuantizer, ActQuantizer]]:
@@ -173,22 +195,37 @@ def _tied(layer, in_q: ActQuantizer, out_q: ActQuantizer, adds: list[tuple[ActQu
     return tied
 
 
+def _directions(layer, in_q: ActQuantizer, out_q: ActQuantizer) -> torch.Tensor:
+    """:func:`nudge_directions` of the layer's requantization (+1 everywhere where its output grid
+    is not checked: residual-Add ties alone do not change ONNX Runtime's codes)."""
+    step, reach = _accumulator_step(layer, in_q)
+    if out_q.bits >= BELOW_BITS:
+        return torch.ones(len(step), dtype=torch.float64)
+    return torch.from_numpy(nudge_directions(step, _step(out_q), reach, out_q.grid.qmin, out_q.grid.qmax))
+
+
 @torch.no_grad()
 def _clear_ties(layer, in_q: ActQuantizer, out_q: ActQuantizer,
                 adds: list[tuple[ActQuantizer, ActQuantizer]]) -> tuple[np.ndarray, int]:
-    """Nudge the tied channels' weight steps until they are tie-free; channels still tied after
-    :data:`ATTEMPTS` nudges get their step back. Returns (mask of moved channels, unresolved count)."""
+    """Nudge the tied channels' weight steps, each in its :func:`_directions` direction, until they
+    are tie-free; channels still tied after :data:`ATTEMPTS` nudges start again in the other
+    direction, and get their step back if that fails too. Returns (mask of moved channels,
+    unresolved count)."""
     scale = layer.weight_quantizer.scale
     start = scale.detach().clone()
-    tied = _tied(layer, in_q, out_q, adds)
-    first = tied.copy()
-    for _ in range(ATTEMPTS):
-        if not tied.any():
-            break
-        scale[torch.from_numpy(tied)] *= 1 + NUDGE
-        tied = _tied(layer, in_q, out_q, adds)
-    keep = torch.from_numpy(tied)
-    scale[keep] = start[keep]
+    first = _tied(layer, in_q, out_q, adds)
+    direction = _directions(layer, in_q, out_q).to(scale.dtype)
+    tied = first.copy()
+    for _ in range(2):
+        for _ in range(ATTEMPTS):
+            if not tied.any():
+                break
+            mask = torch.from_numpy(tied)
+            scale[mask] *= 1 + NUDGE * direction[mask]
+            tied = _tied(layer, in_q, out_q, adds)
+        mask = torch.from_numpy(tied)
+        scale[mask] = start[mask]
+        direction[mask] = -direction[mask]                                  # restored: still tied
     return first & ~tied, int(tied.sum())
 
 

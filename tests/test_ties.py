@@ -7,8 +7,9 @@ import torch
 from dfq.pipeline.calibrate import calibrate
 from dfq.pipeline.quantize import input_quantizer_of, layer_nodes, module_of, quantize
 from dfq.pipeline import ties
-from dfq.pipeline.ties import (NUDGE, _layer_ratio, _tied, add_tied_channels, break_ties, output_quantizer_of,
-                              residual_adds, tied_channels)
+from dfq.pipeline.ties import (ATTEMPTS, NUDGE, _accumulator_step, _clear_ties, _layer_ratio, _step, _tied,
+                              add_tied_channels, break_ties, nudge_directions, output_quantizer_of, residual_adds,
+                              tied_channels)
 from tests.tiny import qconfig, tiny_images, tiny_resnet
 
 
@@ -18,6 +19,31 @@ def test_tied_channels_needs_a_reachable_half_integer():
     # 74 * 5/148 = 2.5 (reachable only in the first); 0.0337 and 1/3 never give a half-integer
     assert tied_channels(r, reach, 0, 15).tolist() == [True, False, False, False]
     assert tied_channels(np.array([5 / 148]), np.array([100.0]), -8, 7).tolist() == [True]
+
+
+def test_nudge_directions_keep_onnx_runtimes_codes_at_the_ties():
+    """Step 0.5 on an output step of 1: accumulator +-1 gives +-0.5 (ONNX Runtime: 0, kept by a
+    smaller step), +-3 gives +-1.5 (+-2, kept by a larger step), +-5 gives +-2.5 (+-2, smaller)."""
+    step, s_out = np.array([0.5, 0.5, 0.5, 0.5]), np.float64(1.0)
+    reach = np.array([1.0, 3.0, 5.0, 0.0])
+    assert nudge_directions(step, s_out, reach, -8, 7).tolist() == [-1, 1, -1, 1]    # 1: 2 votes each way
+    assert nudge_directions(step[1:2], s_out, reach[1:2], 0, 15).tolist() == [1]      # only +1 (down) and +3 (up)
+    assert nudge_directions(np.array([0.5]), s_out, np.array([5.0]), 0, 15).tolist() == [-1]
+
+
+def test_a_channel_the_first_direction_cannot_clear_is_tried_the_other_way(monkeypatch):
+    """Stand-ins for the tie test and the vote: channel 0 is tied unless its step went down, and
+    the vote says up."""
+    layer = torch.nn.Module()
+    layer.weight_quantizer = torch.nn.Module()
+    layer.weight_quantizer.scale = torch.ones(3)
+    monkeypatch.setattr(ties, "_tied", lambda layer, *_: np.array([float(layer.weight_quantizer.scale[0]) >= 1,
+                                                                     False, False]))
+    monkeypatch.setattr(ties, "_directions", lambda *_: torch.ones(3, dtype=torch.float64))
+    moved, left = _clear_ties(layer, None, None, [])
+    assert moved.tolist() == [True, False, False] and left == 0
+    assert float(layer.weight_quantizer.scale[0]) == 1 - NUDGE
+    assert layer.weight_quantizer.scale[1:].tolist() == [1.0, 1.0]
 
 
 def _requantized_layer(qm):
@@ -41,11 +67,14 @@ def test_a_forced_tie_is_moved_and_nothing_else():
     before = layer.weight_quantizer.scale.detach().clone()
     r, reach = _layer_ratio(layer, in_q, out_q)
     assert reach[0] >= 74 and tied_channels(r, reach, out_q.grid.qmin, out_q.grid.qmax)[0]
+    step, _ = _accumulator_step(layer, in_q)
+    direction = nudge_directions(step, _step(out_q), reach, out_q.grid.qmin, out_q.grid.qmax)[0]
     report = break_ties(qm)
     assert report.channels == {name: [0]} and report.moved == 1
     after = layer.weight_quantizer.scale.detach()
     assert torch.equal(after[1:], before[1:])
-    assert 1 < float(after[0] / before[0]) <= (1 + NUDGE) ** 16
+    ratio = float(after[0] / before[0])
+    assert (1 < ratio <= (1 + NUDGE) ** ATTEMPTS) if direction > 0 else ((1 - NUDGE) ** ATTEMPTS <= ratio < 1)
     r, reach = _layer_ratio(layer, in_q, out_q)
     assert not tied_channels(r, reach, out_q.grid.qmin, out_q.grid.qmax).any()
     assert report.to_dict()["moved"] == 1
