@@ -33,8 +33,9 @@ import copy
 import torch
 from torch import fx, nn
 
-from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear
-from dfq.pipeline.quantize import QuantizedModel, is_add, module_of, set_module
+from dfq.pipeline.qmodules import ActQuantizer
+from dfq.pipeline.quantize import QuantizedModel, set_module
+from dfq.pipeline.ties import feeds_only_adds
 
 DESCRIPTION = ("fake-quant model whose conv-output quantizers in front of residual Adds only clamp, as "
                "OpenVINO's fusion leaves them ({n} quantizers)")
@@ -56,14 +57,7 @@ class ClampOnly(nn.Module):
 def fused_add_quantizers(qmodel: QuantizedModel) -> list[str]:
     """Names of the activation quantizers on a conv/linear output whose only readers are Adds."""
     gm: fx.GraphModule = qmodel.module
-    names = []
-    for node in gm.graph.nodes:
-        if not isinstance(module_of(gm, node), ActQuantizer):
-            continue
-        if isinstance(module_of(gm, node.args[0]), (QuantConv2d, QuantLinear)) and node.users \
-                and all(is_add(u) for u in node.users):
-            names.append(str(node.target))
-    return names
+    return [str(node.target) for node in gm.graph.nodes if feeds_only_adds(gm, node)]
 
 
 class OpenVINOReference:

@@ -117,16 +117,21 @@ def nudge_directions(step: np.ndarray, s_out: np.float64, reach: np.ndarray, qmi
     return np.where(vote.sum(axis=1) >= 0, 1.0, -1.0)
 
 
+def feeds_only_adds(gm: fx.GraphModule, q_node: fx.Node) -> bool:
+    """An activation quantizer on a conv/linear output whose readers are all Adds: the pair OpenVINO
+    fuses, keeping only the quantizer's clamp (``export/openvino_reference.py``)."""
+    return isinstance(module_of(gm, q_node), ActQuantizer) \
+        and isinstance(module_of(gm, q_node.args[0]), (QuantConv2d, QuantLinear)) \
+        and bool(q_node.users) and all(is_add(u) for u in q_node.users)
+
+
 def residual_adds(gm: fx.GraphModule, node: fx.Node) -> list[tuple[ActQuantizer, ActQuantizer]]:
-    """For a layer whose output quantizer's readers are all Adds (the conv -> Add pair OpenVINO
-    fuses): ``(skip quantizer, Add output quantizer)`` per Add; [] otherwise, or when either is
-    missing."""
+    """For a layer whose only reader is a quantizer that :func:`feeds_only_adds`: ``(skip
+    quantizer, Add output quantizer)`` per Add; [] otherwise, or when either is missing."""
     users = list(node.users)
-    if len(users) != 1 or not isinstance(module_of(gm, users[0]), ActQuantizer):
+    if len(users) != 1 or not feeds_only_adds(gm, users[0]):
         return []
     q_node = users[0]
-    if not q_node.users or not all(is_add(u) for u in q_node.users):
-        return []
     found = []
     for add in q_node.users:
         other = add.args[1] if add.args[0] is q_node else add.args[0]
