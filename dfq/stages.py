@@ -42,7 +42,7 @@ from dfq.pipeline.sensitivity import LayerSensitivity, layer_costs, layer_sensit
 from dfq.pipeline.recipes import RECIPES, Recipe
 from dfq.pipeline.reconstruct import ReconstructConfig, reconstruct
 from dfq.pipeline.synthesize import SynthConfig, synthesize
-from dfq.pipeline.ties import NUDGE, break_ties
+from dfq.pipeline.ties import ATTEMPTS, NUDGE, break_ties
 from dfq.job import ExportJob
 from dfq.report import ExportReport
 
@@ -368,7 +368,7 @@ def tie_stage(run: Run, q: Quantized) -> None:
     q.ties = report.to_dict()
     if report.moved:
         run.log(f"[dfq] moved the weight step of {report.moved} output channels in {len(report.channels)} layers by "
-                f"{100 * NUDGE:.4f}%: their requantization could land exactly between two codes, which runtimes round apart")
+                f"{100 * NUDGE:.4f}% up or down (at most {ATTEMPTS} times): their requantization could land exactly between two codes, which runtimes round apart")
     left = sum(report.unresolved.values())
     if left:
         run.log(f"[dfq] {left} output channels keep a requantization near-tie that moving their weight step did not "
