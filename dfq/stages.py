@@ -368,7 +368,8 @@ def tie_stage(run: Run, q: Quantized) -> None:
     q.ties = report.to_dict()
     if report.moved:
         run.log(f"[dfq] moved the weight step of {report.moved} output channels in {len(report.channels)} layers by "
-                f"{100 * NUDGE:.4f}% up or down (at most {ATTEMPTS} times): their requantization could land exactly between two codes, which runtimes round apart")
+                f"{100 * NUDGE:.4f}% up or down (at most {ATTEMPTS} times): their requantization could land exactly "
+                f"between two codes, which runtimes round apart")
     left = sum(report.unresolved.values())
     if left:
         run.log(f"[dfq] {left} output channels keep a requantization near-tie that moving their weight step did not "

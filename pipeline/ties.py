@@ -183,12 +183,6 @@ def _accumulator_step(layer, in_q: ActQuantizer) -> tuple[np.ndarray, np.ndarray
     return step.astype(np.float64), reach
 
 
-def _layer_ratio(layer, in_q: ActQuantizer, out_q: ActQuantizer) -> tuple[np.ndarray, np.ndarray]:
-    """(r per channel, reachable |accumulator| per channel), from the float32 steps as exported."""
-    step, reach = _accumulator_step(layer, in_q)
-    return step / _step(out_q), reach
-
-
 def _tied(layer, in_q: ActQuantizer, out_q: ActQuantizer, adds: list[tuple[ActQuantizer, ActQuantizer]]) -> np.ndarray:
     """Channels with a near-tie in the layer's requantization or in a residual Add it feeds."""
     step, reach = _accumulator_step(layer, in_q)

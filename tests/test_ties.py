@@ -7,7 +7,7 @@ import torch
 from dfq.pipeline.calibrate import calibrate
 from dfq.pipeline.quantize import input_quantizer_of, layer_nodes, module_of, quantize
 from dfq.pipeline import ties
-from dfq.pipeline.ties import (ATTEMPTS, NUDGE, _accumulator_step, _clear_ties, _layer_ratio, _step, _tied,
+from dfq.pipeline.ties import (ATTEMPTS, NUDGE, _accumulator_step, _clear_ties, _step, _tied,
                               add_tied_channels, break_ties, nudge_directions, output_quantizer_of, residual_adds,
                               tied_channels)
 from tests.tiny import qconfig, tiny_images, tiny_resnet
@@ -44,6 +44,12 @@ def test_a_channel_the_first_direction_cannot_clear_is_tried_the_other_way(monke
     assert moved.tolist() == [True, False, False] and left == 0
     assert float(layer.weight_quantizer.scale[0]) == 1 - NUDGE
     assert layer.weight_quantizer.scale[1:].tolist() == [1.0, 1.0]
+
+
+def _layer_ratio(layer, in_q, out_q):
+    """(r per channel, reachable |accumulator| per channel), from the float32 steps as exported."""
+    step, reach = _accumulator_step(layer, in_q)
+    return step / _step(out_q), reach
 
 
 def _requantized_layer(qm):
