@@ -38,6 +38,11 @@ graph order, with the layers before already fixed:
   fast budget, seeds 0 / 1 / 2: drop 0.40 / 0.76 / 2.34 points against 1.43 / 2.31 / 1.88 with
   the steps as calibrated; at the default budget (2.05 mean) and on ResNet-56 fast (1.80 against
   1.83) no gain and no loss (README).
+* with ``fisher`` (layer-wise only) each element of the output error is weighted by the FP model's
+  squared gradient of ``log p(c | image)`` with respect to that output element, ``c`` drawn from the
+  FP model's own softmax on the image (no labels: an unbiased one-sample estimate of the diagonal
+  Fisher information, as BRECQ weights its block outputs), normalised to mean 1 per layer, so the
+  rounding spends its accuracy where the FP model's prediction depends on the output.
 
 ``granularity="block"`` (BRECQ, Li et al. 2021) learns the rounding of a block's layers together
 (:mod:`dfq.pipeline.blocks`: a residual block, or up to ``block_layers`` layers of a plain chain)
@@ -90,6 +95,9 @@ class ReconstructConfig:
     # gradient), by the first layer that reads it; Adam's learning rate relative to the calibrated
     # step (0: off)
     act_step_lr: float = 1e-3
+    # layer-wise: weight each output element's squared error by the FP model's diagonal Fisher at it
+    # (module docstring)
+    fisher: bool = False
     granularity: str = "layer"   # "layer" (AdaRound) or "block" (BRECQ: a few layers together, pipeline.blocks)
     block_layers: int = 3        # the most conv/linear layers a block merges from a plain chain
     seed: int = 0
@@ -99,6 +107,8 @@ class ReconstructConfig:
             raise ValueError(f"reconstruction granularity must be 'layer' or 'block', not {self.granularity!r}")
         if not 0.0 <= self.diag_mix <= 1.0:
             raise ValueError(f"diag_mix must lie in [0, 1], not {self.diag_mix!r}")
+        if self.fisher and self.granularity != "layer":
+            raise ValueError("fisher weighting is implemented for granularity='layer' only")
         if self.act_step_lr < 0:
             raise ValueError(f"act_step_lr must be >= 0 (0: activation steps as calibrated), not {self.act_step_lr!r}")
 
@@ -219,8 +229,9 @@ class _Windows:
     slice). A window sees every weight of the layer; it costs (crop / map side)^2 of the whole map,
     which is what lets the early high-resolution layers of an ImageNet model train many steps."""
 
-    def __init__(self, layer: nn.Module, x_q: torch.Tensor, x_fp: torch.Tensor, y: torch.Tensor, crop: int | None):
-        self.layer, self.y = layer, y
+    def __init__(self, layer: nn.Module, x_q: torch.Tensor, x_fp: torch.Tensor, y: torch.Tensor, crop: int | None,
+                 weight: torch.Tensor | None = None):
+        self.layer, self.y, self.weight = layer, y, weight
         self.conv = isinstance(layer, QuantConv2d) and crop is not None and max(y.shape[2:]) > crop
         self.crop = crop
         if self.conv:
@@ -229,9 +240,11 @@ class _Windows:
         self.x_q, self.x_fp = x_q, x_fp
 
     def sample(self, idx: torch.Tensor, gen: torch.Generator):
+        """(x_q, x_fp, y, weight of y's elements or None) of the images ``idx``, in one random window."""
         xq, xf, y = self.x_q[idx], self.x_fp[idx], self.y[idx]
+        w = None if self.weight is None else self.weight[idx]
         if not self.conv:
-            return xq, xf, y
+            return xq, xf, y, w
         (sh, sw), (dh, dw), (kh, kw) = self.layer.stride, self.layer.dilation, self.layer.kernel_size
         ph, pw = min(self.crop, y.shape[2]), min(self.crop, y.shape[3])
         oy = int(torch.randint(0, y.shape[2] - ph + 1, (1,), generator=gen))
@@ -239,7 +252,8 @@ class _Windows:
         iy, ix = oy * sh, ox * sw
         hin, win = (ph - 1) * sh + dh * (kh - 1) + 1, (pw - 1) * sw + dw * (kw - 1) + 1
         window = (slice(None), slice(None), slice(iy, iy + hin), slice(ix, ix + win))
-        return xq[window], xf[window], y[:, :, oy:oy + ph, ox:ox + pw]
+        out = (slice(None), slice(None), slice(oy, oy + ph), slice(ox, ox + pw))
+        return xq[window], xf[window], y[out], None if w is None else w[out]
 
     def forward(self, x: torch.Tensor, in_scale: torch.Tensor | None) -> torch.Tensor:
         return self.layer.forward_padded(x, in_scale) if self.conv else self.layer(x, in_scale)
@@ -310,11 +324,13 @@ def _optimise(rounded: _Rounded, batch_loss, cfg: ReconstructConfig, extra: tupl
 
 
 def _reconstruct_layer(qmodel: QuantizedModel, fp_model: QuantizedModel, node: fx.Node, images: torch.Tensor,
-                       cfg: ReconstructConfig, gen: torch.Generator) -> tuple[float, float, int, int]:
+                       cfg: ReconstructConfig, gen: torch.Generator,
+                       fisher: torch.Tensor | None = None) -> tuple[float, float, int, int]:
     """Learn and fix one layer's rounding (and, with ``act_step_lr``, its input quantizer's step);
     returns (first loss, last loss, weights flipped, weights). ``fp_model`` is a copy of ``qmodel``
     from before any layer was reconstructed: its float weights are the FP model's (``qmodel``'s
-    earlier layers hold their baked codes by now)."""
+    earlier layers hold their baked codes by now). ``fisher``: the weight of each element of the
+    layer's output on ``images`` (:func:`_fisher_weights`), None for the plain squared error."""
     gm = qmodel.module
     layer = gm.get_submodule(str(node.target))
     act_q = _learned_input_quantizer(gm, node, cfg)
@@ -323,7 +339,7 @@ def _reconstruct_layer(qmodel: QuantizedModel, fp_model: QuantizedModel, node: f
     else:   # the quantizer's float input: the quantization is redone with the step being learned
         x_q = _capture_quantizer_input(qmodel, act_q, layer, images)
     x_fp, y = _capture(fp_model, fp_model.module.get_submodule(str(node.target)), images, quantized=False)
-    data = _Windows(layer, x_q, x_fp, y, cfg.crop)
+    data = _Windows(layer, x_q, x_fp, y, cfg.crop, fisher)
     aq = input_quantizer_of(gm, node)
     fixed_scale = gm.get_submodule(str(aq.target)).scale.detach() if aq is not None else None
 
@@ -334,13 +350,14 @@ def _reconstruct_layer(qmodel: QuantizedModel, fp_model: QuantizedModel, node: f
 
     def batch_loss(it: int) -> torch.Tensor:
         idx = torch.randint(0, len(images), (min(cfg.batch, len(images)),), generator=gen)
-        xq, xf, target = data.sample(idx, gen)
+        xq, xf, target, weight = data.sample(idx, gen)
         in_scale = fixed_scale
         if act_q is not None:
             xq, in_scale = act_q(xq), act_q.scale
         keep_fp = torch.rand(xq.shape, generator=gen) < cfg.drop
         out = data.forward(torch.where(keep_fp, xf, xq), in_scale)
-        loss = (out - target).pow(2).sum(1).mean()
+        err = (out - target).pow(2)
+        loss = (err if weight is None else err * weight).sum(1).mean()
         if energy is None:
             return loss
         diagonal = ((rounded.roundings[0](w) - w).pow(2) * energy).sum()
@@ -351,6 +368,42 @@ def _reconstruct_layer(qmodel: QuantizedModel, fp_model: QuantizedModel, node: f
         first, last = _optimise(rounded, batch_loss, cfg, extra)
         flipped, total = rounded.bake()
     return first, last, flipped, total
+
+
+def _fisher_weights(fp_model: QuantizedModel, nodes: list[fx.Node], images: torch.Tensor, seed: int,
+                    batch: int = 16) -> dict[str, torch.Tensor]:
+    """Per layer of ``nodes``: the squared gradient of ``log p(c | image)`` with respect to every
+    element of the layer's output in the FP model (quantizers off), ``c`` drawn per image from the
+    model's softmax (one draw: the diagonal Fisher's unbiased estimate), over ``images``; each
+    layer's map divided by its mean (all ones where the gradient vanishes everywhere)."""
+    names = [str(n.target) for n in nodes]
+    grads: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    gen = torch.Generator().manual_seed(seed * 7_919 + 5)
+
+    def keep(name: str):
+        def hook(module, inputs, output) -> None:
+            output.register_hook(lambda g: grads[name].append(g.detach().pow(2)))
+        return hook
+
+    gm = fp_model.module
+    handles = [gm.get_submodule(name).register_forward_hook(keep(name)) for name in names]
+    fp_model.set_enabled(False, False)
+    try:
+        for i in range(0, len(images), batch):
+            x = images[i:i + batch].clone().requires_grad_(True)
+            logp = F.log_softmax(gm(x), dim=1)
+            drawn = torch.multinomial(logp.detach().exp(), 1, generator=gen)
+            logp.gather(1, drawn).sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+        fp_model.set_enabled(True, True)
+    weights = {}
+    for name in names:
+        g2 = torch.cat(grads[name])
+        mean = g2.mean()
+        weights[name] = g2 / mean if mean > 0 else torch.ones_like(g2)
+    return weights
 
 
 def _learned_input_quantizer(gm: fx.GraphModule, node: fx.Node, cfg: ReconstructConfig) -> ActQuantizer | None:
@@ -496,11 +549,13 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, cfg: ReconstructCo
     fp_model = copy.deepcopy(qmodel)
     if cfg.granularity == "block":
         fp_model.set_enabled(False, False)
+    fisher = _fisher_weights(fp_model, nodes, images, cfg.seed) if cfg.fisher else {}
     bar = progress_bar(len(units), "reconstruct", unit=cfg.granularity) if progress else None
     firsts, lasts, flipped, total = [], [], 0, 0
     try:
         for unit in units:
-            first, last, f, n = step(qmodel, fp_model, unit, images, cfg, gen)
+            weight = {"fisher": fisher[str(unit.target)]} if cfg.fisher else {}
+            first, last, f, n = step(qmodel, fp_model, unit, images, cfg, gen, **weight)
             firsts.append(first)
             lasts.append(last)
             flipped, total = flipped + f, total + n

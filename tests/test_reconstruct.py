@@ -142,13 +142,18 @@ def test_conv_windows_are_slices_of_the_whole_output():
         x = torch.randn(3, conv.in_channels, 37, 37)
         with torch.no_grad():
             y = layer(x)
-            data = _Windows(layer, x, x + 1, y, crop=7)
+            weight = torch.rand(y.shape)
+            data = _Windows(layer, x, x + 1, y, crop=7, weight=weight)
             assert data.conv
             gen = torch.Generator().manual_seed(0)
             for _ in range(5):
-                xq, xf, target = data.sample(torch.tensor([2, 0]), gen)
+                xq, xf, target, w = data.sample(torch.tensor([2, 0]), gen)
                 assert target.shape[2:] == (7, 7) and xf.shape == xq.shape
                 assert torch.allclose(data.forward(xq, None), target, atol=1e-5)
+                # the element weights are the same window of the same images as the target
+                hits = [(oy, ox) for oy in range(y.shape[2] - 6) for ox in range(y.shape[3] - 6)
+                        if torch.equal(y[[2, 0], :, oy:oy + 7, ox:ox + 7], target)]
+                assert any(torch.equal(weight[[2, 0], :, oy:oy + 7, ox:ox + 7], w) for oy, ox in hits)
 
 
 def _logit_mse(qm, model, images):
@@ -231,3 +236,48 @@ def test_learned_activation_steps_move_once_each_and_the_export_arithmetic_holds
     assert sum(_layer_mse(qm, model, images).values()) < sum(before.values())
     with pytest.raises(ValueError, match="act_step_lr"):
         ReconstructConfig(act_step_lr=-1e-3)
+
+
+def test_fisher_weights_of_the_logits_are_a_drawn_class_gradient_squared():
+    """For the classifier's output z, d log p_c / dz = onehot(c) - p: per image, every class but the
+    drawn one has weight p_j^2 / m, the drawn one (1 - p_c)^2 / m, one normaliser m per layer; the
+    maps of the other layers have their output's shape, are >= 0 and average 1."""
+    from dfq.pipeline.quantize import layer_nodes
+    from dfq.pipeline.reconstruct import _fisher_weights
+
+    model = tiny_resnet(4)
+    images = tiny_images(40, seed=3)
+    qm = quantize(model, qconfig(bits=4), images[:2])
+    calibrate(qm, images)
+    nodes = layer_nodes(qm.module)
+    weights = _fisher_weights(qm, nodes, images, seed=0, batch=16)
+    with torch.no_grad():
+        p = torch.softmax(model(images), 1)
+    root = weights["fc"].sqrt()
+    ratio = p / root                                   # sqrt(m) wherever j is not the drawn class
+    sqrt_m = ratio.median()
+    others = (ratio - sqrt_m).abs() < 1e-3 * sqrt_m
+    assert bool((others.sum(1) == p.shape[1] - 1).all())          # exactly one drawn class per image
+    drawn = (~others).float().argmax(1)
+    pc = p.gather(1, drawn[:, None])[:, 0]
+    assert torch.allclose(root.gather(1, drawn[:, None])[:, 0] * sqrt_m, 1 - pc, rtol=1e-3, atol=1e-6)
+    for n in nodes:
+        w = weights[str(n.target)]
+        assert w.shape[0] == len(images) and bool((w >= 0).all()) and abs(float(w.mean()) - 1) < 1e-4
+    assert qm.act_quantizers() and all(a.enabled for a in qm.act_quantizers().values())   # restored
+
+
+def test_fisher_weighted_reconstruction_bakes_grid_codes_and_lowers_the_error():
+    import pytest
+
+    model = tiny_resnet(4)
+    images = tiny_images(64, seed=3)
+    qm = quantize(model, qconfig(bits=4), images[:2])
+    calibrate(qm, images)
+    before = _layer_mse(qm, model, images)
+    res = reconstruct(qm, images, ReconstructConfig(iterations=200, batch=16, fisher=True), progress=False)
+    assert res.layers == 4 and 0 < res.flipped < 0.5 and res.last_loss < res.first_loss
+    _assert_weights_on_grid(qm)
+    assert sum(_layer_mse(qm, model, images).values()) < sum(before.values())
+    with pytest.raises(ValueError, match="fisher"):
+        ReconstructConfig(fisher=True, granularity="block")
