@@ -42,7 +42,8 @@ graph order, with the layers before already fixed:
   squared gradient of ``log p(c | image)`` with respect to that output element, ``c`` drawn from the
   FP model's own softmax on the image (no labels: an unbiased one-sample estimate of the diagonal
   Fisher information, as BRECQ weights its block outputs), normalised to mean 1 per layer, so the
-  rounding spends its accuracy where the FP model's prediction depends on the output.
+  rounding spends its accuracy where the FP model's prediction depends on the output. Off: on
+  EfficientNet-Lite0 W4A8 it scored 4 points below the plain loss in the image proxy (README).
 
 ``granularity="block"`` (BRECQ, Li et al. 2021) learns the rounding of a block's layers together
 (:mod:`dfq.pipeline.blocks`: a residual block, or up to ``block_layers`` layers of a plain chain)
