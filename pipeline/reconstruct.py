@@ -38,12 +38,14 @@ graph order, with the layers before already fixed:
   fast budget, seeds 0 / 1 / 2: drop 0.40 / 0.76 / 2.34 points against 1.43 / 2.31 / 1.88 with
   the steps as calibrated; at the default budget (2.05 mean) and on ResNet-56 fast (1.80 against
   1.83) no gain and no loss (README).
-* with ``fisher`` (layer-wise only) each element of the output error is weighted by the FP model's
+* with ``fisher="element"`` (layer-wise only) each element of the output error is weighted by the FP model's
   squared gradient of ``log p(c | image)`` with respect to that output element, ``c`` drawn from the
   FP model's own softmax on the image (no labels: an unbiased one-sample estimate of the diagonal
   Fisher information, as BRECQ weights its block outputs), normalised to mean 1 per layer, so the
-  rounding spends its accuracy where the FP model's prediction depends on the output. Off: on
-  EfficientNet-Lite0 W4A8 it scored 4 points below the plain loss in the image proxy (README).
+  rounding spends its accuracy where the FP model's prediction depends on the output;
+  ``fisher="channel"`` weights each output channel by that map's mean over the images and
+  positions (a one-draw estimate per element is noisy; the channel mean is not). Off: on
+  EfficientNet-Lite0 W4A8 "element" scored 4 points below the plain loss in the image proxy (README).
 
 ``granularity="block"`` (BRECQ, Li et al. 2021) learns the rounding of a block's layers together
 (:mod:`dfq.pipeline.blocks`: a residual block, or up to ``block_layers`` layers of a plain chain)
@@ -75,6 +77,7 @@ from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d
 from dfq.pipeline.quantize import QuantizedModel, input_quantizer_of, layer_nodes, module_of, set_module
 
 ZETA, GAMMA = 1.1, -0.1
+FISHER_MODES = ("none", "element", "channel")
 
 
 @dataclass
@@ -96,9 +99,9 @@ class ReconstructConfig:
     # gradient), by the first layer that reads it; Adam's learning rate relative to the calibrated
     # step (0: off)
     act_step_lr: float = 1e-3
-    # layer-wise: weight each output element's squared error by the FP model's diagonal Fisher at it
-    # (module docstring)
-    fisher: bool = False
+    # layer-wise: weight the output error by the FP model's diagonal Fisher (module docstring):
+    # "none", "element" (per output element of each image) or "channel" (its mean per output channel)
+    fisher: str = "none"
     granularity: str = "layer"   # "layer" (AdaRound) or "block" (BRECQ: a few layers together, pipeline.blocks)
     block_layers: int = 3        # the most conv/linear layers a block merges from a plain chain
     seed: int = 0
@@ -108,7 +111,9 @@ class ReconstructConfig:
             raise ValueError(f"reconstruction granularity must be 'layer' or 'block', not {self.granularity!r}")
         if not 0.0 <= self.diag_mix <= 1.0:
             raise ValueError(f"diag_mix must lie in [0, 1], not {self.diag_mix!r}")
-        if self.fisher and self.granularity != "layer":
+        if self.fisher not in FISHER_MODES:
+            raise ValueError(f"fisher must be one of {FISHER_MODES}, not {self.fisher!r}")
+        if self.fisher != "none" and self.granularity != "layer":
             raise ValueError("fisher weighting is implemented for granularity='layer' only")
         if self.act_step_lr < 0:
             raise ValueError(f"act_step_lr must be >= 0 (0: activation steps as calibrated), not {self.act_step_lr!r}")
@@ -372,11 +377,12 @@ def _reconstruct_layer(qmodel: QuantizedModel, fp_model: QuantizedModel, node: f
 
 
 def _fisher_weights(fp_model: QuantizedModel, nodes: list[fx.Node], images: torch.Tensor, seed: int,
-                    batch: int = 16) -> dict[str, torch.Tensor]:
+                    batch: int = 16, per_channel: bool = False) -> dict[str, torch.Tensor]:
     """Per layer of ``nodes``: the squared gradient of ``log p(c | image)`` with respect to every
     element of the layer's output in the FP model (quantizers off), ``c`` drawn per image from the
     model's softmax (one draw: the diagonal Fisher's unbiased estimate), over ``images``; each
-    layer's map divided by its mean (all ones where the gradient vanishes everywhere)."""
+    layer's map divided by its mean (all ones where the gradient vanishes everywhere). With
+    ``per_channel`` every element holds its channel's mean over the images and positions."""
     names = [str(n.target) for n in nodes]
     grads: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     gen = torch.Generator().manual_seed(seed * 7_919 + 5)
@@ -402,6 +408,8 @@ def _fisher_weights(fp_model: QuantizedModel, nodes: list[fx.Node], images: torc
     weights = {}
     for name in names:
         g2 = torch.cat(grads[name])
+        if per_channel:
+            g2 = g2.mean(dim=[d for d in range(g2.dim()) if d != 1], keepdim=True).expand_as(g2)
         mean = g2.mean()
         weights[name] = g2 / mean if mean > 0 else torch.ones_like(g2)
     return weights
@@ -550,12 +558,13 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, cfg: ReconstructCo
     fp_model = copy.deepcopy(qmodel)
     if cfg.granularity == "block":
         fp_model.set_enabled(False, False)
-    fisher = _fisher_weights(fp_model, nodes, images, cfg.seed) if cfg.fisher else {}
+    weighted = cfg.fisher != "none"
+    fisher = _fisher_weights(fp_model, nodes, images, cfg.seed, per_channel=cfg.fisher == "channel") if weighted else {}
     bar = progress_bar(len(units), "reconstruct", unit=cfg.granularity) if progress else None
     firsts, lasts, flipped, total = [], [], 0, 0
     try:
         for unit in units:
-            weight = {"fisher": fisher[str(unit.target)]} if cfg.fisher else {}
+            weight = {"fisher": fisher[str(unit.target)]} if weighted else {}
             first, last, f, n = step(qmodel, fp_model, unit, images, cfg, gen, **weight)
             firsts.append(first)
             lasts.append(last)

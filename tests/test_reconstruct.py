@@ -265,6 +265,13 @@ def test_fisher_weights_of_the_logits_are_a_drawn_class_gradient_squared():
         w = weights[str(n.target)]
         assert w.shape[0] == len(images) and bool((w >= 0).all()) and abs(float(w.mean()) - 1) < 1e-4
     assert qm.act_quantizers() and all(a.enabled for a in qm.act_quantizers().values())   # restored
+    # per channel: each channel's weight is the mean of the per-element map over images and positions
+    pooled = _fisher_weights(qm, nodes, images, seed=0, batch=16, per_channel=True)
+    for name in ("fc", "dw"):
+        w = weights[name]
+        dims = [d for d in range(w.dim()) if d != 1]
+        channel = w.mean(dim=dims, keepdim=True)
+        assert torch.allclose(pooled[name], (channel / channel.mean()).expand_as(w), rtol=1e-4)
 
 
 def test_fisher_weighted_reconstruction_bakes_grid_codes_and_lowers_the_error():
@@ -275,9 +282,11 @@ def test_fisher_weighted_reconstruction_bakes_grid_codes_and_lowers_the_error():
     qm = quantize(model, qconfig(bits=4), images[:2])
     calibrate(qm, images)
     before = _layer_mse(qm, model, images)
-    res = reconstruct(qm, images, ReconstructConfig(iterations=200, batch=16, fisher=True), progress=False)
+    res = reconstruct(qm, images, ReconstructConfig(iterations=200, batch=16, fisher="element"), progress=False)
     assert res.layers == 4 and 0 < res.flipped < 0.5 and res.last_loss < res.first_loss
     _assert_weights_on_grid(qm)
     assert sum(_layer_mse(qm, model, images).values()) < sum(before.values())
     with pytest.raises(ValueError, match="fisher"):
-        ReconstructConfig(fisher=True, granularity="block")
+        ReconstructConfig(fisher="element", granularity="block")
+    with pytest.raises(ValueError, match="fisher"):
+        ReconstructConfig(fisher="pixel")
