@@ -21,6 +21,15 @@ def test_learned_rounding_starts_at_the_float_weight():
     assert r.regulariser(2.0) > 0
 
 
+def _calibrated(n: int = 64):
+    """The tiny ResNet, ``n`` images, and its W4A4 quantized copy calibrated on them."""
+    model = tiny_resnet(4)
+    images = tiny_images(n, seed=3)
+    qm = quantize(model, qconfig(bits=4), images[:2])
+    calibrate(qm, images)
+    return model, images, qm
+
+
 def _layer_mse(qm, model, images):
     """Per-layer output MSE of the quantized model against the FP model (BN folded, quantizers off)."""
     outs = {}
@@ -47,10 +56,7 @@ def _assert_weights_on_grid(qm):
 
 
 def test_reconstruction_bakes_codes_the_exporter_reproduces_and_lowers_the_error():
-    model = tiny_resnet(4)
-    images = tiny_images(64, seed=3)
-    qm = quantize(model, qconfig(bits=4), images[:2])
-    calibrate(qm, images)
+    model, images, qm = _calibrated()
     before = _layer_mse(qm, model, images)
     res = reconstruct(qm, images, ReconstructConfig(iterations=200, batch=16), progress=False)
     assert res.layers == 4 and 0 < res.flipped < 0.5 and res.last_loss < res.first_loss
@@ -60,10 +66,7 @@ def test_reconstruction_bakes_codes_the_exporter_reproduces_and_lowers_the_error
 
 
 def test_learned_steps_move_and_are_written_back_with_codes_on_their_grid():
-    model = tiny_resnet(4)
-    images = tiny_images(64, seed=3)
-    qm = quantize(model, qconfig(bits=4), images[:2])
-    calibrate(qm, images)
+    model, images, qm = _calibrated()
     calibrated = {n: m.weight_quantizer.scale.detach().clone() for n, m in qm.layers().items()}
     before = _layer_mse(qm, model, images)
     cfg = ReconstructConfig(iterations=200, batch=16, learn_step=True, step_lr=1e-2)
@@ -100,10 +103,7 @@ def test_diag_mix_one_rounds_to_nearest_and_zero_is_the_plain_loss():
     out of range it is refused."""
     import pytest
 
-    model = tiny_resnet(4)
-    images = tiny_images(64, seed=3)
-    qm = quantize(model, qconfig(bits=4), images[:2])
-    calibrate(qm, images)
+    model, images, qm = _calibrated()
     res = reconstruct(qm, images, ReconstructConfig(iterations=200, batch=16, diag_mix=1.0), progress=False)
     assert res.flipped < 0.02
     _assert_weights_on_grid(qm)
@@ -162,10 +162,7 @@ def _logit_mse(qm, model, images):
 
 
 def test_block_reconstruction_bakes_grid_codes_and_lowers_the_output_error():
-    model = tiny_resnet(4)
-    images = tiny_images(64, seed=3)
-    qm = quantize(model, qconfig(bits=4), images[:2])
-    calibrate(qm, images)
+    model, images, qm = _calibrated()
     before = _logit_mse(qm, model, images)
     res = reconstruct(qm, images, ReconstructConfig(iterations=200, batch=16, granularity="block"), progress=False)
     assert res.layers == 4 and 0 < res.flipped < 0.5 and res.last_loss < res.first_loss
@@ -222,10 +219,7 @@ def test_learned_activation_steps_move_once_each_and_the_export_arithmetic_holds
     falls; a negative rate is refused."""
     import pytest
 
-    model = tiny_resnet(4)
-    images = tiny_images(64, seed=3)
-    qm = quantize(model, qconfig(bits=4), images[:2])
-    calibrate(qm, images)
+    model, images, qm = _calibrated()
     calibrated = {n: q.scale.detach().clone() for n, q in qm.act_quantizers().items()}
     before = _layer_mse(qm, model, images)
     res = reconstruct(qm, images, ReconstructConfig(iterations=200, batch=16, act_step_lr=1e-2), progress=False)
@@ -245,10 +239,7 @@ def test_fisher_weights_of_the_logits_are_a_drawn_class_gradient_squared():
     from dfq.pipeline.quantize import layer_nodes
     from dfq.pipeline.reconstruct import _fisher_weights
 
-    model = tiny_resnet(4)
-    images = tiny_images(40, seed=3)
-    qm = quantize(model, qconfig(bits=4), images[:2])
-    calibrate(qm, images)
+    model, images, qm = _calibrated(40)
     nodes = layer_nodes(qm.module)
     weights = _fisher_weights(qm, nodes, images, seed=0, batch=16)
     with torch.no_grad():
@@ -277,10 +268,7 @@ def test_fisher_weights_of_the_logits_are_a_drawn_class_gradient_squared():
 def test_fisher_weighted_reconstruction_bakes_grid_codes_and_lowers_the_error():
     import pytest
 
-    model = tiny_resnet(4)
-    images = tiny_images(64, seed=3)
-    qm = quantize(model, qconfig(bits=4), images[:2])
-    calibrate(qm, images)
+    model, images, qm = _calibrated()
     before = _layer_mse(qm, model, images)
     res = reconstruct(qm, images, ReconstructConfig(iterations=200, batch=16, fisher="element"), progress=False)
     assert res.layers == 4 and 0 < res.flipped < 0.5 and res.last_loss < res.first_loss
