@@ -1,6 +1,7 @@
 """Layer-wise reconstruction with learned rounding: the rounding starts at the float weight, the
 learned codes are baked so that the ordinary exporter reproduces them, and the layer outputs get
 closer to the FP model's."""
+import pytest
 import torch
 
 from dfq.pipeline.calibrate import calibrate
@@ -55,10 +56,11 @@ def _assert_weights_on_grid(qm):
         assert torch.allclose(w / s, torch.round(w / s), atol=1e-3)
 
 
-def test_reconstruction_bakes_codes_the_exporter_reproduces_and_lowers_the_error():
+@pytest.mark.parametrize("options", [{}, {"fisher": "element"}], ids=["plain", "fisher"])
+def test_reconstruction_bakes_codes_the_exporter_reproduces_and_lowers_the_error(options):
     model, images, qm = _calibrated()
     before = _layer_mse(qm, model, images)
-    res = reconstruct(qm, images, ReconstructConfig(iterations=200, batch=16), progress=False)
+    res = reconstruct(qm, images, ReconstructConfig(iterations=200, batch=16, **options), progress=False)
     assert res.layers == 4 and 0 < res.flipped < 0.5 and res.last_loss < res.first_loss
     _assert_weights_on_grid(qm)
     after = _layer_mse(qm, model, images)
@@ -101,8 +103,6 @@ def test_diagonal_form_is_the_output_error_on_uncorrelated_inputs():
 def test_diag_mix_one_rounds_to_nearest_and_zero_is_the_plain_loss():
     """With the whole loss diagonal, the best rounding is the nearest one (almost nothing flips);
     out of range it is refused."""
-    import pytest
-
     model, images, qm = _calibrated()
     res = reconstruct(qm, images, ReconstructConfig(iterations=200, batch=16, diag_mix=1.0), progress=False)
     assert res.flipped < 0.02
@@ -217,8 +217,6 @@ def test_learned_activation_steps_move_once_each_and_the_export_arithmetic_holds
     """With act_step_lr every 4-bit activation quantizer read directly by a reconstructed layer gets
     a learned step (by its first reader), the weights still sit on their grid, and the layers' error
     falls; a negative rate is refused."""
-    import pytest
-
     model, images, qm = _calibrated()
     calibrated = {n: q.scale.detach().clone() for n, q in qm.act_quantizers().items()}
     before = _layer_mse(qm, model, images)
@@ -265,15 +263,7 @@ def test_fisher_weights_of_the_logits_are_a_drawn_class_gradient_squared():
         assert torch.allclose(pooled[name], (channel / channel.mean()).expand_as(w), rtol=1e-4)
 
 
-def test_fisher_weighted_reconstruction_bakes_grid_codes_and_lowers_the_error():
-    import pytest
-
-    model, images, qm = _calibrated()
-    before = _layer_mse(qm, model, images)
-    res = reconstruct(qm, images, ReconstructConfig(iterations=200, batch=16, fisher="element"), progress=False)
-    assert res.layers == 4 and 0 < res.flipped < 0.5 and res.last_loss < res.first_loss
-    _assert_weights_on_grid(qm)
-    assert sum(_layer_mse(qm, model, images).values()) < sum(before.values())
+def test_fisher_modes_other_than_the_three_and_block_granularity_are_refused():
     with pytest.raises(ValueError, match="fisher"):
         ReconstructConfig(fisher="element", granularity="block")
     with pytest.raises(ValueError, match="fisher"):
