@@ -254,7 +254,7 @@ def _quant_config(run: Run, **fields) -> QuantConfig:
     job = run.job
     policy = {} if job.keep_8bit is None else {"keep_8bit": tuple(job.keep_8bit)}
     settings = {"bits": job.bits, "act_bits": job.act_bits, "reduce_range": job.reduce_range,
-                "residual_bits": job.residual_bits, **policy, **fields}
+                "residual_bits": job.residual_bits, "equalize": job.equalize, **policy, **fields}
     return run.target.quant_config(**settings)
 
 
@@ -268,6 +268,9 @@ def quantize_stage(run: Run, inputs: Inputs, data: SyntheticData, sensitivity: S
         fp_twin = float_graph(qmodel)
     run.log(f"[dfq] {config.name} for {run.target.name}, method {job.method}: {len(qmodel.layer_bits)} layers, "
             f"{result.num_quantizers} activation quantizers, calibration '{result.method}'")
+    if qmodel.equalized:
+        run.log(f"[dfq] equalised the channel ranges of {len(qmodel.equalized)} low-bit activations between two "
+                f"convs (channel scales up to {max(e.max_scale_ratio for e in qmodel.equalized):.0f}x apart)")
     fp_holdout = None
     if run.recipe.trains or run.recipe.reconstruct or job.bias_correction:
         # what the data-free choices after fine-tuning and after bias correction compare with
@@ -317,7 +320,8 @@ def finetune_stage(run: Run, inputs: Inputs, data: SyntheticData, q: Quantized) 
     fingerprint = checkpoint_fingerprint(
         model_sha256=inputs.loaded.source["sha256"], arch=spec.name, bits=job.bits, target=job.target,
         method=job.method, seed=job.seed, reduce_range=qc.reduce_range, residual_bits=qc.residual_bits,
-        keep_8bit=list(qc.keep_8bit), synth=data.config.to_dict(), finetune=cfg.to_dict(), processes=run.info.world,
+        keep_8bit=list(qc.keep_8bit), equalize=qc.equalize, synth=data.config.to_dict(), finetune=cfg.to_dict(),
+        processes=run.info.world,
         **({} if qc.precision == Precision(job.bits, job.bits) and not qc.layer_precision
            else {"precision": qc.name, "layer_precision": {k: str(v) for k, v in qc.layer_precision.items()}}))
     kd_before = heldout_kd(q.qmodel, data.holdout, q.fp_holdout)
@@ -449,6 +453,7 @@ def _quant_section(run: Run, qm: QuantizedModel) -> dict:
     return {"name": qm.config.name, "target": run.target.name, "config": qm.config.to_dict(),
             "numerics": run.target.numerics(qm.config), "layer_bits": qm.layer_bits,
             "layer_precision": {n: str(p) for n, p in qm.layer_precision.items()},
+            "equalized": [e.to_dict() for e in qm.equalized],
             "layers_at_8bit": [n for n, p in qm.layer_precision.items()
                                if p == Precision(8, 8) and qm.config.precision != Precision(8, 8)],
             "avg_weight_bits": avg_w, "avg_act_bits": avg_a, "weight_bytes": weight_bytes,

@@ -3,7 +3,8 @@
 Steps (on a deep copy traced with ``torch.fx``):
 
 1. BatchNorm folded into the conv before it (``QuantConv2d``, Tune mode); a zero ``Pad``
-   directly before a conv becomes the conv's own (possibly asymmetric) padding.
+   directly before a conv becomes the conv's own (possibly asymmetric) padding; conv -> ReLU ->
+   conv chains that read low-bit activations equalised per channel (:mod:`dfq.pipeline.equalize`).
 2. Conv2d / Linear replaced by ``QuantConv2d`` / ``QuantLinear`` with per-channel weight
    quantizers; the layer policy sets each layer's bits (default: first conv and last linear at
    8 bits, stated in the report).
@@ -33,6 +34,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from dfq.common.errors import UnsupportedModelError
 from dfq.kernels.fake_quant import QuantScheme
+from dfq.pipeline.equalize import EqualizedPair, equalize
 from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear
 
 SUPPORTED_BITS = (4, 8)
@@ -93,6 +95,9 @@ class QuantConfig:
     # ``bits``-bit inputs and weights; this is the precision of the residual branch before the Add,
     # which runtimes add on 8-bit kernels anyway. None: 8.
     residual_bits: int | None = 8
+    # Cross-layer equalisation of the low-bit activations between two convs (dfq.pipeline.equalize);
+    # off by default: on ResNet-20 W4A4 recon it did not lower the drop (README "Methods")
+    equalize: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.scheme, QuantScheme):
@@ -490,6 +495,7 @@ class QuantizedModel:
     module: fx.GraphModule
     config: QuantConfig
     layer_precision: dict[str, Precision] = field(default_factory=dict)   # what every layer runs at
+    equalized: list[EqualizedPair] = field(default_factory=list)
 
     @property
     def layer_bits(self) -> dict[str, int]:
@@ -557,6 +563,8 @@ def quantize(model: nn.Module, config: QuantConfig, example_input: torch.Tensor)
     _replace_layers(gm)
     _merge_pads(gm)
     wanted = policy_precision(gm, config)
+    low = {name for name, p in wanted.items() if p.activations < 8}
+    equalized = equalize(gm, low) if config.equalize else []
     for name, p in wanted.items():
         layer = gm.get_submodule(name)
         layer.weight_quantizer = type(layer.weight_quantizer)(layer.weight_quantizer.scale.numel(), p.weights,
@@ -572,7 +580,7 @@ def quantize(model: nn.Module, config: QuantConfig, example_input: torch.Tensor)
             if isinstance(m, (QuantConv2d, QuantLinear)):
                 m.weight_quantizer.calibrate(m.folded()[0], search=config.weight_clip_search)
     gm.eval()
-    return QuantizedModel(gm, config, _actual_precision(gm))
+    return QuantizedModel(gm, config, _actual_precision(gm), equalized)
 
 
 def _actual_precision(gm: fx.GraphModule) -> dict[str, Precision]:

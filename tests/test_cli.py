@@ -238,3 +238,18 @@ def test_orphaned_temporaries_of_a_killed_run_are_removed(tmp_path):
         (tmp_path / name).write_bytes(b"partial")
     ExportJob(model="m.pth", out=str(tmp_path / "x.onnx")).check_outputs()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.onnx.q1.tmp"]
+
+
+def test_equalize_option_reaches_the_quantized_model_and_the_report(tmp_path):
+    from dfq.cli import build_parser, job_from_args
+    from dfq.run import run_export
+
+    ckpt = _tiny_resnet20_checkpoint(tmp_path)
+    args = [str(ckpt), "--bits", "4", "--out", str(tmp_path / "x.onnx")]
+    assert not job_from_args(build_parser().parse_args(args)).equalize
+    assert job_from_args(build_parser().parse_args(args + ["--equalize"])).equalize
+    report = run_export(_job(tmp_path, "eq.onnx", bits=4, equalize=True), log=lambda m: None).to_dict()
+    pairs = {(e["producer"], e["consumer"]) for e in report["quant"]["equalized"]}
+    assert pairs == {(f"layer{s}.{b}.conv1", f"layer{s}.{b}.conv2") for s in (1, 2, 3) for b in range(3)}
+    assert report["quant"]["config"]["equalize"] is True
+    assert report["fidelity"]["agreement"] >= 0.99
