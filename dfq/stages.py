@@ -270,7 +270,7 @@ def quantize_stage(run: Run, inputs: Inputs, data: SyntheticData, sensitivity: S
             f"{result.num_quantizers} activation quantizers, calibration '{result.method}'")
     if qmodel.equalized:
         run.log(f"[dfq] equalised the channel ranges of {len(qmodel.equalized)} low-bit activations between two "
-                f"convs (channel scales up to {max(e.max_scale_ratio for e in qmodel.equalized):.0f}x apart)")
+                f"convs (channel scales up to {max(e.spread for e in qmodel.equalized):.0f}x apart)")
     fp_holdout = None
     if run.recipe.trains or run.recipe.reconstruct or job.bias_correction:
         # what the data-free choices after fine-tuning and after bias correction compare with

@@ -34,12 +34,12 @@ from dfq.pipeline.qmodules import QuantConv2d
 class EqualizedPair:
     producer: str          # module name of the conv whose output channels were scaled
     consumer: str          # module name of the conv whose input columns were scaled back
-    spread: float          # largest / smallest estimated channel range (after the floor) before
-    max_scale_ratio: float # largest / smallest channel scale applied
+    # largest / smallest estimated channel range (after the floor) before; the scales applied are
+    # its inverses, so this is also the largest / smallest scale
+    spread: float
 
     def to_dict(self) -> dict:
-        return {"producer": self.producer, "consumer": self.consumer, "spread": self.spread,
-                "max_scale_ratio": self.max_scale_ratio}
+        return {"producer": self.producer, "consumer": self.consumer, "spread": self.spread}
 
 
 def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -66,8 +66,7 @@ def equalizable_pairs(gm: fx.GraphModule) -> list[tuple[str, str]]:
             continue
         user = next(iter(act.users))
         consumer = _module(gm, user)
-        if (isinstance(consumer, QuantConv2d) and consumer.groups == 1 and user.args[0] is act
-                and consumer.weight.shape[1] == producer.weight.shape[0]):
+        if isinstance(consumer, QuantConv2d) and consumer.groups == 1 and user.args[0] is act:
             pairs.append((str(node.target), str(user.target)))
     return pairs
 
@@ -78,11 +77,11 @@ def channel_ranges(producer: QuantConv2d) -> torch.Tensor:
 
 
 @torch.no_grad()
-def equalize(gm: fx.GraphModule, names: set[str] | None = None, floor: float = 1e-3) -> list[EqualizedPair]:
-    """Rescale every equalizable pair (only those whose consumer is in ``names``, if given)."""
+def equalize(gm: fx.GraphModule, names: set[str], floor: float = 1e-3) -> list[EqualizedPair]:
+    """Rescale every equalizable pair whose consumer is in ``names``."""
     done = []
     for p_name, c_name in equalizable_pairs(gm):
-        if names is not None and c_name not in names:
+        if c_name not in names:
             continue
         producer, consumer = gm.get_submodule(p_name), gm.get_submodule(c_name)
         r = channel_ranges(producer)
@@ -95,5 +94,5 @@ def equalize(gm: fx.GraphModule, names: set[str] | None = None, floor: float = 1
         producer.bn_weight.mul_(t)
         producer.bn_bias.mul_(t)
         consumer.weight.div_(t.view(1, -1, 1, 1))
-        done.append(EqualizedPair(p_name, c_name, top / float(r.min()), float(t.max() / t.min())))
+        done.append(EqualizedPair(p_name, c_name, top / float(r.min())))
     return done

@@ -563,8 +563,7 @@ def quantize(model: nn.Module, config: QuantConfig, example_input: torch.Tensor)
     _replace_layers(gm)
     _merge_pads(gm)
     wanted = policy_precision(gm, config)
-    low = {name for name, p in wanted.items() if p.activations < 8}
-    equalized = equalize(gm, low) if config.equalize else []
+    equalized = equalize(gm, {n for n, p in wanted.items() if p.activations < 8}) if config.equalize else []
     for name, p in wanted.items():
         layer = gm.get_submodule(name)
         layer.weight_quantizer = type(layer.weight_quantizer)(layer.weight_quantizer.scale.numel(), p.weights,

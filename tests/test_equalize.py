@@ -87,4 +87,4 @@ def test_dead_channels_get_a_bounded_scale():
     with torch.no_grad():
         model.block.bn1.bias[0] = -10.0          # beta + 3|gamma| < 0: the statistics call it dead
     qm = quantize(model, qconfig(bits=4, equalize=True), tiny_images(2))
-    assert qm.equalized[0].max_scale_ratio <= 1e3 * (1 + 1e-4)
+    assert qm.equalized[0].spread <= 1e3 * (1 + 1e-4)
