@@ -16,8 +16,10 @@ import torch
 from torch import fx
 
 from dfq.export.integer_layers import ExactAccumulator
+from dfq.pipeline.act_quantizers import input_quantizer_of
+from dfq.pipeline.graph import module_of
 from dfq.pipeline.qmodules import QuantConv2d, QuantLinear, weight_codes
-from dfq.pipeline.quantize import QuantizedModel, input_quantizer_of, module_of
+from dfq.pipeline.quantize import QuantizedModel
 
 DESCRIPTION = "fake-quant model with exact integer accumulation in every quantized conv/linear"
 

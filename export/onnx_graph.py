@@ -24,8 +24,9 @@ from torch import fx, nn
 
 from dfq.common.errors import UnsupportedModelError
 from dfq.kernels.fake_quant import Grid
+from dfq.pipeline.graph import is_passthrough
 from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear
-from dfq.pipeline.quantize import QuantizedModel, is_passthrough
+from dfq.pipeline.quantize import QuantizedModel
 
 OPSET = 17
 INPUT_NAME = "input"

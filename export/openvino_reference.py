@@ -33,8 +33,9 @@ import copy
 import torch
 from torch import fx, nn
 
+from dfq.pipeline.graph import set_module
 from dfq.pipeline.qmodules import ActQuantizer
-from dfq.pipeline.quantize import QuantizedModel, set_module
+from dfq.pipeline.quantize import QuantizedModel
 from dfq.pipeline.ties import feeds_only_adds
 
 DESCRIPTION = ("fake-quant model whose conv-output quantizers in front of residual Adds only clamp, as "

@@ -34,16 +34,10 @@ from torch import fx
 
 from dfq.export.integer_layers import ExactAccumulator
 from dfq.kernels.fake_quant import Grid
+from dfq.pipeline.act_quantizers import input_quantizer_of
+from dfq.pipeline.graph import is_add, is_clip_activation, is_pool, module_of, source_of
 from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear, weight_codes
-from dfq.pipeline.quantize import (
-    QuantizedModel,
-    _is_pool,
-    input_quantizer_of,
-    is_add,
-    is_clip_activation,
-    module_of,
-    source_of,
-)
+from dfq.pipeline.quantize import QuantizedModel
 
 def _zero_point(grid: Grid) -> int:
     """ORT's UINT8 zero point for a grid (see dfq.export.qdq.QDQFormat.container)."""
@@ -66,7 +60,7 @@ class _Plan:
             elif is_add(node):
                 ok = all(self._quantizer_behind(a) is not None for a in node.args[:2])
                 self._fuse(node, ok)
-            elif _is_pool(self.gm, node) and self._is_global(node):
+            elif is_pool(self.gm, node) and self._is_global(node):
                 self._fuse(node, self._quantizer_behind(node.args[0]) is not None)
             elif isinstance(m, QuantLinear):
                 pass   # float64, see the module docstring

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from dfq.pipeline.quantize import layer_nodes
+from dfq.pipeline.graph import layer_nodes
 
 
 @dataclass

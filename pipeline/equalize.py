@@ -24,9 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import fx
 
+from dfq.pipeline.graph import is_clip_activation, module_of
 from dfq.pipeline.qmodules import QuantConv2d
 
 
@@ -42,30 +42,18 @@ class EqualizedPair:
         return {"producer": self.producer, "consumer": self.consumer, "spread": self.spread}
 
 
-def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A plain ReLU (module, function or method); ReLU6 and other clips are not."""
-    if node.op == "call_module":
-        return type(_module(gm, node)) is nn.ReLU
-    return (node.op == "call_function" and node.target in (F.relu, torch.relu)) or (
-        node.op == "call_method" and node.target == "relu")
-
-
-def _module(gm: fx.GraphModule, node: fx.Node):
-    return gm.get_submodule(str(node.target)) if node.op == "call_module" else None
-
-
 def equalizable_pairs(gm: fx.GraphModule) -> list[tuple[str, str]]:
     """(producer, consumer) module names of every conv -> ReLU -> conv chain with no other reader."""
     pairs = []
     for node in gm.graph.nodes:
-        producer = _module(gm, node)
+        producer = module_of(gm, node)
         if not isinstance(producer, QuantConv2d) or not producer.has_bn or len(node.users) != 1:
             continue
         act = next(iter(node.users))
-        if not _is_relu(gm, act) or len(act.users) != 1:
+        if is_clip_activation(gm, act) != float("inf") or len(act.users) != 1:
             continue
         user = next(iter(act.users))
-        consumer = _module(gm, user)
+        consumer = module_of(gm, user)
         if isinstance(consumer, QuantConv2d) and consumer.groups == 1 and user.args[0] is act:
             pairs.append((str(node.target), str(user.target)))
     return pairs

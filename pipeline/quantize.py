@@ -10,7 +10,7 @@ Steps (on a deep copy traced with ``torch.fx``):
    8 bits, stated in the report).
 3. Activation quantizers inserted where the target needs a quantized tensor (for schemes with
    ``integer_gating`` after SiLU is rewritten as ``x * sigmoid(x)``)
-   (:func:`quant_requirements`). A quantizer sits on the *source* tensor: ops that keep values
+   (:mod:`dfq.pipeline.act_quantizers`). A quantizer sits on the *source* tensor: ops that keep values
    on the grid (max-pool, zero pad, slicing, flatten, dropout) pass the quantized tensor on
    unchanged, and the exporter repeats the same Q/DQ after them.
 
@@ -34,7 +34,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from dfq.common.errors import UnsupportedModelError
 from dfq.kernels.fake_quant import QuantScheme
+from dfq.pipeline.act_quantizers import input_quantizer_of, insert_act_quantizers, link_bias_scales, quant_requirements
 from dfq.pipeline.equalize import EqualizedPair, equalize
+from dfq.pipeline.graph import is_passthrough, layer_nodes, module_of, set_module
 from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear
 
 SUPPORTED_BITS = (4, 8)
@@ -137,81 +139,6 @@ class QuantConfig:
         return d
 
 
-# ---------------------------------------------------------------------------------------------
-# graph helpers
-
-
-def module_of(gm: fx.GraphModule, node) -> nn.Module | None:
-    """The module a ``call_module`` node runs (None for other nodes and non-node arguments)."""
-    if isinstance(node, fx.Node) and node.op == "call_module":
-        return gm.get_submodule(str(node.target))
-    return None
-
-
-def _is_tensor(node) -> bool:
-    return isinstance(node, fx.Node) and isinstance(node.meta.get("tensor_meta"), torch.fx.passes.shape_prop.TensorMetadata)
-
-
-def is_clip_activation(gm: fx.GraphModule, node: fx.Node) -> float | None:
-    """Upper bound of a ReLU-like activation whose output is >= 0 (inf for ReLU, 6 for ReLU6),
-    None if the node is not one."""
-    m = module_of(gm, node)
-    if isinstance(m, nn.ReLU) or (node.op == "call_function" and node.target in (F.relu, torch.relu)):
-        return float("inf")
-    if isinstance(m, nn.ReLU6) or (node.op == "call_function" and node.target is F.relu6):
-        return 6.0
-    if isinstance(m, nn.Hardtanh) and m.min_val == 0.0:
-        return float(m.max_val)
-    if node.op == "call_function" and node.target is F.hardtanh:
-        lo = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
-        hi = node.kwargs.get("max_val", node.args[2] if len(node.args) > 2 else 1.0)
-        return float(hi) if lo == 0.0 else None
-    if node.op == "call_method" and node.target == "relu":
-        return float("inf")
-    return None
-
-
-def is_passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Ops whose output stays on the input's quantization grid with the same scale: max-pool,
-    zero padding, slicing, flatten/reshape, dropout/identity."""
-    m = module_of(gm, node)
-    if m is not None:
-        if isinstance(m, (nn.MaxPool2d, nn.Dropout, nn.Identity, nn.Flatten)):
-            return True
-        return isinstance(m, nn.ZeroPad2d)
-    if node.op == "call_function":
-        if node.target in (torch.flatten, F.dropout, F.max_pool2d):
-            return True
-        if node.target is operator.getitem:
-            return _is_tensor(node.args[0]) and _is_tensor(node)
-        if node.target is F.pad:
-            value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else 0.0)
-            mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
-            return mode == "constant" and (value is None or value == 0.0)
-    if node.op == "call_method":
-        return node.target in ("flatten", "view", "reshape", "contiguous")
-    return False
-
-
-def is_add(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in (operator.add, torch.add)
-            and len(node.args) >= 2 and all(_is_tensor(a) for a in node.args[:2]))
-
-
-def is_sigmoid(gm: fx.GraphModule, node) -> bool:
-    """A sigmoid or hard sigmoid: output in [0, 1]."""
-    return isinstance(node, fx.Node) and (isinstance(module_of(gm, node), (nn.Sigmoid, nn.Hardsigmoid)) or (
-        node.op == "call_function" and node.target in (torch.sigmoid, F.sigmoid, F.hardsigmoid)))
-
-
-def is_sigmoid_gate(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A product ``x * sigmoid(...)`` of two tensors (SiLU once decomposed, squeeze-excitation with a
-    sigmoid or hard-sigmoid gate)."""
-    return (node.op == "call_function" and node.target in (operator.mul, torch.mul) and len(node.args) >= 2
-            and all(_is_tensor(a) for a in node.args[:2])
-            and any(is_sigmoid(gm, source_of(gm, a)) for a in node.args[:2]))
-
-
 def _decompose_silu(gm: fx.GraphModule) -> None:
     """SiLU modules and calls become ``x * sigmoid(x)``, so that the sigmoid's output can be
     quantized (schemes with ``integer_gating``)."""
@@ -226,53 +153,6 @@ def _decompose_silu(gm: fx.GraphModule) -> None:
         node.replace_all_uses_with(mul)
         gm.graph.erase_node(node)
     gm.delete_all_unused_submodules()
-
-
-def is_nonnegative(gm: fx.GraphModule, node: fx.Node, _memo: dict | None = None) -> bool:
-    """Whether a tensor is provably >= 0 (after ReLU-like ops, through pooling and pass-through
-    ops, sums of non-negative tensors). Decides unsigned vs signed activation grids."""
-    memo = {} if _memo is None else _memo
-    if node in memo:
-        return memo[node]
-    if is_clip_activation(gm, node) is not None:
-        result = True
-    elif isinstance(module_of(gm, node), ActQuantizer):
-        result = not module_of(gm, node).signed
-    elif is_passthrough(gm, node) or _is_pool(gm, node):
-        result = is_nonnegative(gm, node.args[0], memo)
-    elif is_add(node):
-        result = all(is_nonnegative(gm, a, memo) for a in node.args[:2])
-    else:
-        result = is_sigmoid(gm, node)
-    memo[node] = result
-    return result
-
-
-def _is_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
-    m = module_of(gm, node)
-    if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)):
-        return True
-    return node.op == "call_function" and node.target in (F.adaptive_avg_pool2d, F.avg_pool2d)
-
-
-def upper_bound(gm: fx.GraphModule, node: fx.Node) -> float | None:
-    """A finite upper bound of the tensor (6 for ReLU6, 1 for a sigmoid, and what passes them on),
-    else None."""
-    if is_sigmoid(gm, node):
-        return 1.0
-    b = is_clip_activation(gm, node)
-    if b is not None:
-        return b if b != float("inf") else None
-    if is_passthrough(gm, node) or _is_pool(gm, node):
-        return upper_bound(gm, node.args[0])
-    return None
-
-
-def source_of(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
-    """Walk back through pass-through ops to the tensor whose quantizer they share."""
-    while is_passthrough(gm, node) and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,19 +225,9 @@ def _replace_layers(gm: fx.GraphModule) -> None:
                 "elementwise ops of CNN classifiers.")
 
 
-def set_module(gm: fx.GraphModule, name: str, module: nn.Module) -> None:
-    """Put ``module`` at the dotted submodule path ``name`` of ``gm`` (the graph keeps calling it by name)."""
-    parent, _, leaf = name.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
-
-
 def _delete_module(gm: fx.GraphModule, name: str) -> None:
     parent, _, leaf = name.rpartition(".")
     delattr(gm.get_submodule(parent) if parent else gm, leaf)
-
-
-def layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if isinstance(module_of(gm, n), (QuantConv2d, QuantLinear))]
 
 
 LAYER_ALIASES = ("@first", "@last")
@@ -404,88 +274,6 @@ def policy_precision(gm: fx.GraphModule, config: QuantConfig) -> dict[str, Preci
     if unknown:
         raise ValueError(f"layer_precision names layers the model does not have: {sorted(unknown)}")
     return {**out, **{k: v for k, v in config.layer_precision.items()}}
-
-
-def quant_requirements(gm: fx.GraphModule, layers: dict[str, Precision], config: QuantConfig) -> dict[fx.Node, int]:
-    """Source tensors that need an activation quantizer, with their bits.
-
-    Both targets: the activation input of every conv/linear and both inputs of every residual
-    Add (so TensorRT fuses it and ONNX Runtime runs QLinearAdd). ONNX Runtime additionally needs
-    a Q on every conv and Add output (after a following ReLU/ReLU6, which the Q then makes
-    redundant) so DQ-Conv-Q fuses into QLinearConv. Bits: a tensor a conv/linear reads gets the
-    largest activation bits its reading layers ask for; any other quantized tensor gets
-    ``residual_bits`` (default 8).
-    """
-    layer_need: dict[fx.Node, int] = {}   # tensors a conv/linear reads: that layer's bits
-    other_need: dict[fx.Node, int] = {}   # tensors only Adds read (or ORT's output Qs)
-    residual = config.residual_bits
-
-    order: dict[fx.Node, None] = {}       # first-seen order, so quantizer order is stable
-
-    def require(table: dict, node, bits: int) -> None:
-        if not isinstance(node, fx.Node):
-            return
-        src = source_of(gm, node)
-        order.setdefault(src)
-        table[src] = max(table.get(src, 0), bits)
-
-    for node in gm.graph.nodes:
-        m = module_of(gm, node)
-        if isinstance(m, (QuantConv2d, QuantLinear)):
-            require(layer_need, node.args[0], layers[str(node.target)].activations)
-        if is_add(node):
-            for a in node.args[:2]:
-                require(other_need, a, residual)
-        if config.scheme.quantize_outputs and (isinstance(m, QuantConv2d) or is_add(node)):
-            out = node
-            users = list(node.users)
-            if len(users) == 1 and is_clip_activation(gm, users[0]) is not None:
-                out = users[0]
-            require(other_need, out, residual)
-        if config.scheme.integer_gating and is_sigmoid_gate(gm, node):
-            for t in (*node.args[:2], node):
-                require(other_need, t, 8)
-    # a tensor a layer reads is quantized for that layer, whatever else reads it
-    return {src: layer_need.get(src, other_need.get(src)) for src in order}
-
-
-def _insert_act_quantizers(gm: fx.GraphModule, need: dict[fx.Node, int], config: QuantConfig) -> None:
-    used = set(dict(gm.named_modules()))
-    for src, bits in need.items():
-        signed = not is_nonnegative(gm, src)
-        name = "aq_" + src.name
-        while name in used:
-            name += "_"
-        used.add(name)
-        gm.add_submodule(name, ActQuantizer(bits, signed, config.scheme, upper_bound(gm, src)))
-        with gm.graph.inserting_after(src):
-            q = gm.graph.call_module(name, (src,))
-        src.replace_all_uses_with(q, delete_user_cb=lambda user: user is not q)
-
-
-def input_quantizer_of(gm: fx.GraphModule, layer: fx.Node) -> fx.Node | None:
-    """The ActQuantizer node that quantizes a layer's activation input (through pass-through ops)."""
-    src = source_of(gm, layer.args[0])
-    return src if isinstance(module_of(gm, src), ActQuantizer) else None
-
-
-def _link_bias_scales(gm: fx.GraphModule, config: QuantConfig) -> None:
-    """Schemes with int32 biases: conv and linear biases live on the int32 grid ``s_in * s_w``
-    (what ONNX Runtime's QLinearConv and QGemm take; a float bias keeps ORT from fusing a Gemm into
-    QGemm); pass each layer the scale of its input quantizer as a second argument."""
-    if not config.scheme.int32_bias:
-        return
-    for node in layer_nodes(gm):
-        m = module_of(gm, node)
-        if not isinstance(m, (QuantConv2d, QuantLinear)):
-            continue
-        aq = input_quantizer_of(gm, node)
-        if aq is None:
-            continue
-        m.bias_mode = "int32"
-        with gm.graph.inserting_before(node):
-            s = gm.graph.get_attr(f"{aq.target}.scale")
-        node.args = (node.args[0], s)
 
 
 @dataclass
@@ -569,8 +357,8 @@ def quantize(model: nn.Module, config: QuantConfig, example_input: torch.Tensor)
         layer.weight_quantizer = type(layer.weight_quantizer)(layer.weight_quantizer.scale.numel(), p.weights,
                                                               config.reduce_range)
     need = quant_requirements(gm, wanted, config)
-    _insert_act_quantizers(gm, need, config)
-    _link_bias_scales(gm, config)
+    insert_act_quantizers(gm, need, config)
+    link_bias_scales(gm, config)
     gm.graph.lint()
     gm.recompile()
     ShapeProp(gm).propagate(example_input)

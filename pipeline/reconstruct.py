@@ -71,10 +71,12 @@ from torch import fx, nn
 
 from dfq.common.progress import progress as progress_bar
 from dfq.kernels.fake_quant import Grid
+from dfq.pipeline.act_quantizers import input_quantizer_of
 from dfq.pipeline.blocks import Block, BlockRunner, partition
+from dfq.pipeline.graph import layer_nodes, module_of, set_module
 from dfq.pipeline.models import is_small_input
 from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d
-from dfq.pipeline.quantize import QuantizedModel, input_quantizer_of, layer_nodes, module_of, set_module
+from dfq.pipeline.quantize import QuantizedModel
 
 ZETA, GAMMA = 1.1, -0.1
 FISHER_MODES = ("none", "element", "channel")

@@ -18,9 +18,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import fx, nn
 
+from dfq.pipeline.act_quantizers import input_quantizer_of
 from dfq.pipeline.calibrate import batched_logits, calibrate, output_kl
+from dfq.pipeline.graph import layer_nodes
 from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d
-from dfq.pipeline.quantize import QuantConfig, QuantizedModel, input_quantizer_of, kept_8bit, layer_nodes, quantize
+from dfq.pipeline.quantize import QuantConfig, QuantizedModel, kept_8bit, quantize
 
 
 @dataclass

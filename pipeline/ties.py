@@ -59,9 +59,10 @@ import numpy as np
 import torch
 from torch import fx
 
+from dfq.pipeline.act_quantizers import input_quantizer_of
+from dfq.pipeline.graph import is_add, is_clip_activation, layer_nodes, module_of, source_of
 from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear, weight_codes
-from dfq.pipeline.quantize import (QuantizedModel, input_quantizer_of, is_add, is_clip_activation, layer_nodes,
-                                   module_of, source_of)
+from dfq.pipeline.quantize import QuantizedModel
 
 NUDGE = 2.0 ** -16        # relative change of a tied channel's weight step per attempt
 TOLERANCE = 2.0 ** -22    # relative distance from a half-integer that counts as a tie

@@ -3,7 +3,8 @@ blocks run one after another reproduce the model."""
 import torch
 
 from dfq.pipeline.blocks import BlockRunner, cuts, partition
-from dfq.pipeline.quantize import layer_nodes, quantize
+from dfq.pipeline.graph import layer_nodes
+from dfq.pipeline.quantize import quantize
 from tests.tiny import qconfig, tiny_images, tiny_resnet
 
 

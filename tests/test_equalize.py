@@ -1,9 +1,10 @@
 import pytest
 import torch
 
+from dfq.pipeline.act_quantizers import input_quantizer_of
 from dfq.pipeline.calibrate import calibrate
 from dfq.pipeline.equalize import channel_ranges
-from dfq.pipeline.quantize import Precision, input_quantizer_of, quantize
+from dfq.pipeline.quantize import Precision, quantize
 from tests.tiny import tiny_images, tiny_resnet, qconfig
 
 

@@ -9,8 +9,9 @@ import torch
 from dfq.cli import main
 from dfq.common.errors import UsageError
 from dfq.export.runtimes import get_runtime
+from dfq.pipeline.graph import is_sigmoid, module_of
 from dfq.pipeline.qmodules import ActQuantizer
-from dfq.pipeline.quantize import is_sigmoid, module_of, quantize
+from dfq.pipeline.quantize import quantize
 from tests.test_ort_reference import _TinySiLUNet
 from tests.test_targets import ARGS, _checkpoint
 from tests.tiny import qconfig, randomize_bn, tiny_images

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from dfq.cli import main
+from dfq.pipeline.act_quantizers import input_quantizer_of
 from dfq.pipeline.calibrate import calibrate
+from dfq.pipeline.graph import layer_nodes
 from dfq.pipeline.mixed_precision import average_bits, check_budget, choose_precision, fixed_layers_bits
-from dfq.pipeline.quantize import Precision, input_quantizer_of, layer_nodes, quantize
+from dfq.pipeline.quantize import Precision, quantize
 from dfq.pipeline.sensitivity import LayerSensitivity, layer_sensitivity
 from tests.tiny import qconfig, tiny_images, tiny_resnet
 

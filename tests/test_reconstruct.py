@@ -234,7 +234,7 @@ def test_fisher_weights_of_the_logits_are_a_drawn_class_gradient_squared():
     """For the classifier's output z, d log p_c / dz = onehot(c) - p: per image, every class but the
     drawn one has weight p_j^2 / m, the drawn one (1 - p_c)^2 / m, one normaliser m per layer; the
     maps of the other layers have their output's shape, are >= 0 and average 1."""
-    from dfq.pipeline.quantize import layer_nodes
+    from dfq.pipeline.graph import layer_nodes
     from dfq.pipeline.reconstruct import _fisher_weights
 
     model, images, qm = _calibrated(40)

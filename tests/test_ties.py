@@ -4,9 +4,11 @@ schemes without int32 biases, are left alone."""
 import numpy as np
 import torch
 
-from dfq.pipeline.calibrate import calibrate
-from dfq.pipeline.quantize import input_quantizer_of, layer_nodes, module_of, quantize
 from dfq.pipeline import ties
+from dfq.pipeline.act_quantizers import input_quantizer_of
+from dfq.pipeline.calibrate import calibrate
+from dfq.pipeline.graph import layer_nodes, module_of
+from dfq.pipeline.quantize import quantize
 from dfq.pipeline.ties import (ATTEMPTS, NUDGE, _accumulator_step, _clear_ties, _step, _tied,
                               add_tied_channels, break_ties, nudge_directions, output_quantizer_of, residual_adds,
                               tied_channels)
