@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnxruntime target: 8-bit weights on [-127,127] instead of [-63,63] (exact only on "
                         "CPUs with VNNI; AVX2-only CPUs saturate)")
     p.add_argument("--residual-bits", type=int, choices=(4, 8),
-                   help="bits of tensors only residual Adds read (conv outputs before an Add); every conv "
-                        "still reads --bits-bit inputs (default 8: the runtimes add on 8-bit kernels anyway)")
+                   help="bits of every tensor a residual Add reads; every conv still reads --bits-bit inputs, "
+                        "a requantization where it shares the tensor with an Add (default 8: the runtimes add "
+                        "on 8-bit kernels anyway)")
     p.add_argument("--keep-8bit", action="append", metavar="PATTERN", dest="keep_8bit",
                    help="with --bits 4: also keep the conv/linear layers whose module name matches this glob at 8 "
                         "bits (repeatable; added to the default first-conv/last-linear policy; 'none' drops that "

@@ -157,6 +157,10 @@ class _Emitter:
         x = self.arg(node) if node.args else None
         if isinstance(m, ActQuantizer):
             entry = ActEntry(float(m.scale.detach().clamp(min=1e-12)), m.grid)
+            if node.args[0] in self.quant:
+                # a requantization of a tensor already on a grid (a residual block's output that the
+                # next conv reads at fewer bits): a tensor of its own, so it gets its own Q/DQ pair
+                x = self.add("Identity", [x], node)
             self.names[node] = x
             self.quant[node] = entry
             self.table.activations[x] = entry

@@ -92,10 +92,11 @@ class QuantConfig:
     # 8-bit weights on [-63, 63] instead of [-127, 127]; None: the scheme's default
     # (dfq.kernels.fake_quant.weight_grid says why a target may want it).
     reduce_range: bool | None = None
-    # Bits of tensors that no conv/linear reads, only residual Adds (and, where the scheme quantizes
-    # layer outputs, the conv/Add outputs that only feed Adds). Every conv/linear still computes on
-    # ``bits``-bit inputs and weights; this is the precision of the residual branch before the Add,
-    # which runtimes add on 8-bit kernels anyway. None: 8.
+    # Bits of every tensor a residual Add reads (and, where the scheme quantizes layer outputs, of
+    # the conv/Add outputs that only feed Adds). Every conv/linear still computes on ``bits``-bit
+    # inputs and weights: where a layer reads the same tensor as an Add (a block's output, read by
+    # the next block's first conv and its shortcut), the layer reads a requantization of it
+    # (dfq.pipeline.act_quantizers). Runtimes add on 8-bit kernels anyway. None: 8.
     residual_bits: int | None = 8
     # Cross-layer equalisation of the low-bit activations between two convs (dfq.pipeline.equalize);
     # off by default: on ResNet-20 W4A4 recon it did not lower the drop (README "Methods")

@@ -88,9 +88,16 @@ def test_onnxruntime_flavour_fuses_into_integer_kernels(tmp_path, bits):
     assert ops["Conv"] == 0, ops
     assert ops["QLinearAdd"] == 1 and ops["QLinearGlobalAveragePool"] == 1, ops
     assert ops["QGemm"] == 1 and ops["Gemm"] == 0, ops  # int32 bias: the classifier runs integer too
+    # the graph input's Q, and at 4 bits the requantization of the block input (8-bit for the residual
+    # Add, 4-bit for block.conv1): a DQ -> Q pair ORT runs as it is
+    assert ops["QuantizeLinear"] == (2 if bits == 4 else 1), ops
     if bits == 4:
-        clips = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Clip"]
-        assert len(clips) >= 5 and all(n.input[0].endswith("_quantized") for n in clips)
+        nodes = onnx.load(str(path)).graph.node
+        clips = [n for n in nodes if n.op_type == "Clip"]
+        # stem output, block.relu1, block.relu2 and down_act are 8-bit only where an Add reads them
+        assert len(clips) == 4 and all(n.input[0].endswith("_quantized") for n in clips)
+        requant = next(n for n in nodes if n.op_type == "QuantizeLinear" and n.output[0].startswith("aq_stem_act_a4"))
+        assert next(n for n in nodes if n.output[0] == requant.input[0]).op_type == "DequantizeLinear"
 
 
 def test_reexport_is_byte_identical(tmp_path):

@@ -6,6 +6,8 @@ from dfq.common.errors import UnsupportedModelError
 from dfq.pipeline.bias_correction import bias_correct
 from dfq.pipeline.calibrate import calibrate
 from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear, fold_bn_into_conv
+from dfq.pipeline.act_quantizers import input_quantizer_of
+from dfq.pipeline.graph import is_add, module_of, source_of
 from dfq.pipeline.quantize import quantize
 from tests.tiny import randomize_bn, tiny_images, tiny_resnet, qconfig
 
@@ -65,18 +67,31 @@ def test_activation_quantizer_placement_and_sign(target):
 
 
 @pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
-def test_residual_bits_only_widen_tensors_no_layer_reads(target):
+def test_residual_adds_read_residual_bits_and_layers_a_requantization(target):
     qm = quantize(tiny_resnet(), qconfig(bits=4, target=target, residual_bits=8), tiny_images(2))
     aq = qm.act_quantizers()
+    gm = qm.module
     assert aq["aq_block_conv2"].bits == 8          # the conv output that only the Add reads
-    # the shortcut also feeds a conv (the block input is the pool output, read by block.conv1): 4 bits
+    # the block input (stem -> max-pool) is read by block.conv1 and by the shortcut Add: 8 bits on
+    # the tensor, and a 4-bit requantization of it that only the conv reads
+    assert aq["aq_stem_act"].bits == 8 and aq["aq_stem_act_a4"].bits == 4
+    conv1 = next(n for n in gm.graph.nodes if n.target == "block.conv1")
+    assert input_quantizer_of(gm, conv1).target == "aq_stem_act_a4"
+    assert input_quantizer_of(gm, conv1).args[0].target == "pool"    # after the max-pool, which passes codes on
+    add = next(n for n in gm.graph.nodes if is_add(n))
+    assert {module_of(gm, source_of(gm, a)).bits for a in add.args[:2]} == {8}
+    assert qm.layer_precision["block.conv1"].activations == 4
+    # tensors that only layers read stay at the layers' bits
     assert aq["aq_block_relu1"].bits == 4 and aq["aq_block_relu2"].bits == 4
     for name, layer in qm.layers().items():
         assert layer.weight_quantizer.bits == qm.layer_bits[name]
     default = quantize(tiny_resnet(), qconfig(bits=4, target=target), tiny_images(2)).act_quantizers()
     assert {n: q.bits for n, q in default.items()} == {n: q.bits for n, q in aq.items()}   # 8 is the default
     narrow = quantize(tiny_resnet(), qconfig(bits=4, target=target, residual_bits=4), tiny_images(2)).act_quantizers()
-    assert narrow["aq_block_conv2"].bits == 4 and list(narrow) == list(aq)
+    assert "aq_stem_act_a4" not in narrow and narrow["aq_stem_act"].bits == 4 and narrow["aq_block_conv2"].bits == 4
+    # W4A8: the layers read 8 bits already, nothing to requantize
+    w4a8 = quantize(tiny_resnet(), qconfig(bits=4, act_bits=8, target=target), tiny_images(2)).act_quantizers()
+    assert "aq_stem_act_a4" not in w4a8 and all(q.bits == 8 for q in w4a8.values())
 
 
 def test_calibration_picks_measured_best_and_sets_positive_scales():
