@@ -353,15 +353,20 @@ def finetune_stage(run: Run, inputs: Inputs, data: SyntheticData, q: Quantized) 
 # -- bias correction --------------------------------------------------------------------------
 
 def bias_correct_stage(run: Run, data: SyntheticData, q: Quantized) -> BiasCorrectionResult | None:
-    """Bias correction of the model that will be exported (the calibrated or the fine-tuned one),
-    kept only if it brings the model closer to the FP model's logits on the held-out images."""
+    """Bias correction of the model that will be exported (the calibrated, reconstructed or fine-tuned
+    one), kept only if it brings the model closer to the FP model's logits on the held-out images,
+    except after a reconstruction that nothing fine-tuned (there that KL misjudges it:
+    :mod:`dfq.pipeline.bias_correction`)."""
     if not run.job.bias_correction:
         return None
+    gate = not (run.recipe.reconstruct and not run.recipe.trains)
     with run.timed("bias_correction"):
-        result = bias_correct(q.qmodel, data.calib, holdout=data.holdout, fp_logits=q.fp_holdout)
-    run.log("[dfq] bias correction " + ("applied" if result.applied else "not applied (it did not lower the held-out KL)")
-            + f": FP->quantized KL on {len(data.holdout)} held-out synthetic images {result.kl_before:.4f} -> "
-              f"{result.kl_after:.4f}")
+        result = bias_correct(q.qmodel, data.calib, holdout=data.holdout, fp_logits=q.fp_holdout, gate=gate)
+    state = "applied" if result.applied else "not applied (it did not lower the held-out KL)"
+    if not gate:
+        state = "applied after the reconstruction, without the held-out KL check"
+    run.log(f"[dfq] bias correction {state}: FP->quantized KL on {len(data.holdout)} held-out synthetic images "
+            f"{result.kl_before:.4f} -> {result.kl_after:.4f}")
     return result
 
 

@@ -253,3 +253,19 @@ def test_equalize_option_reaches_the_quantized_model_and_the_report(tmp_path):
     assert pairs == {(f"layer{s}.{b}.conv1", f"layer{s}.{b}.conv2") for s in (1, 2, 3) for b in range(3)}
     assert report["quant"]["config"]["equalize"] is True
     assert report["fidelity"]["agreement"] >= 0.99
+
+
+@pytest.mark.parametrize("method, gated", [("recon", False), ("bns", True), ("acq-recon", True)])
+def test_bias_correction_is_gated_except_after_a_plain_reconstruction(tmp_path, monkeypatch, method, gated):
+    import dfq.stages as S
+    from dfq.run import run_export
+
+    seen = []
+    real = S.bias_correct
+    monkeypatch.setattr(S, "bias_correct", lambda *a, **kw: seen.append(kw["gate"]) or real(*a, **kw))
+    extra = {"reconstruct_overrides": {"iterations": 2}} if "recon" in method else {}
+    if method == "acq-recon":
+        extra.update(steps=2, finetune_overrides={"batch": 8})
+    report = run_export(_job(tmp_path, "m.onnx", bits=4, method=method, **extra), log=lambda m: None).to_dict()
+    assert seen == [gated]
+    assert report["calibration"]["bias_correction"]["gated"] is gated

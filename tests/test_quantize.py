@@ -232,7 +232,8 @@ def test_bias_correction_restores_every_layers_mean():
     assert res.max_abs_shift > 0.01
 
 
-def test_bias_correction_is_undone_when_the_heldout_kl_rises(monkeypatch):
+@pytest.mark.parametrize("gate", [True, False])
+def test_bias_correction_is_undone_when_the_heldout_kl_rises_unless_ungated(monkeypatch, gate):
     import dfq.pipeline.bias_correction as cal
 
     qm = quantize(tiny_resnet(2), qconfig(bits=4), tiny_images(2))
@@ -240,10 +241,11 @@ def test_bias_correction_is_undone_when_the_heldout_kl_rises(monkeypatch):
     state = {k: v.clone() for k, v in qm.module.state_dict().items()}
     kls = iter([1.0, 2.0])
     monkeypatch.setattr(cal, "output_kl", lambda fp, q: next(kls))
-    res = cal.bias_correct(qm, tiny_images(32, seed=3), holdout=tiny_images(8, seed=4))
-    assert not res.applied and (res.kl_before, res.kl_after) == (1.0, 2.0)
-    for k, v in qm.module.state_dict().items():
-        assert torch.equal(v, state[k]), k
+    res = cal.bias_correct(qm, tiny_images(32, seed=3), holdout=tiny_images(8, seed=4), gate=gate)
+    assert res.applied is not gate and res.gated is gate and (res.kl_before, res.kl_after) == (1.0, 2.0)
+    changed = [k for k, v in qm.module.state_dict().items() if not torch.equal(v, state[k])]
+    assert changed == ([] if gate else [k for k in changed if k.endswith("bn_bias") or k.endswith(".bias")])
+    assert gate or changed
 
 
 def test_bias_correction_is_judged_against_the_given_fp_logits(monkeypatch):
