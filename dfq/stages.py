@@ -359,12 +359,13 @@ def bias_correct_stage(run: Run, data: SyntheticData, q: Quantized) -> BiasCorre
     :mod:`dfq.pipeline.bias_correction`)."""
     if not run.job.bias_correction:
         return None
-    gate = not (run.recipe.reconstruct and not run.recipe.trains)
+    gate = run.recipe.trains or not run.recipe.reconstruct
     with run.timed("bias_correction"):
         result = bias_correct(q.qmodel, data.calib, holdout=data.holdout, fp_logits=q.fp_holdout, gate=gate)
-    state = "applied" if result.applied else "not applied (it did not lower the held-out KL)"
     if not gate:
         state = "applied after the reconstruction, without the held-out KL check"
+    else:
+        state = "applied" if result.applied else "not applied (it did not lower the held-out KL)"
     run.log(f"[dfq] bias correction {state}: FP->quantized KL on {len(data.holdout)} held-out synthetic images "
             f"{result.kl_before:.4f} -> {result.kl_after:.4f}")
     return result
