@@ -8,6 +8,9 @@ statistics, while the FP model classifies each image as a chosen target label::
     L(x) = bn_weight * (BNS(x) + (first_bn_weight - 1) * BNS_1(x)) + ce_weight * CE(f(x~), y)
            + tv_weight * TV(x~) + l2_weight * mean(x~^2)      (BNS_1: the first BN layer's term)
 
+(``CE`` becomes the negated logit spread with ``output_loss="minmax"``; with ``granularity="all"``
+``BNS`` compares the statistics of all images together, see :class:`SynthConfig`.)
+
 ``x~`` is ``x`` after a random augmentation drawn anew each step (a circular shift by up to
 ``jitter`` pixels in each direction and a random horizontal flip of the whole batch, as in
 DeepInversion), which keeps the images from over-fitting pixel-exact patterns. After every step
@@ -50,6 +53,8 @@ __all__ = [
 ]
 
 Budget = Literal["fast", "default", "long"]
+GRANULARITIES = ("batch", "all")
+OUTPUT_LOSSES = ("ce", "minmax")
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,7 +72,13 @@ class SynthConfig:
     weight of 0 switches its term off (and skips computing it). ``jitter`` is the largest
     circular shift in pixels (0 = none); ``flip`` enables random horizontal flips; ``swing`` shifts
     the input of every strided convolution by a random pixel each step (:func:`swing_convolutions`).
-    ``first_bn_weight``, ``coarse``, ``init``: see the module docstring."""
+    ``first_bn_weight``, ``coarse``, ``init``: see the module docstring.
+
+    ``granularity="all"`` matches the BN statistics of all ``num_images`` together instead of each
+    batch's (Sony MCT's default "all images" granularity): a batch need not carry the population's
+    statistics by itself, only the whole set. ``output_loss="minmax"`` replaces the cross-entropy
+    to target labels by the negated spread of each image's logits (MCT's default output loss):
+    the images are pushed to be confidently something, not a chosen class."""
 
     num_images: int
     batch_size: int
@@ -84,6 +95,8 @@ class SynthConfig:
     coarse: float = 0.0
     init: str = "white"                 # white | pink
     param: str = "pixel"                # pixel | spectrum
+    granularity: str = "batch"          # batch | all
+    output_loss: str = "ce"             # ce | minmax
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -109,6 +122,9 @@ class SynthConfig:
         need(isinstance(self.swing, bool), f"swing must be a bool, got {self.swing!r}")
         need(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
         need(self.param in PARAMS, f"param must be one of {PARAMS}, got {self.param!r}")
+        need(self.granularity in GRANULARITIES, f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        need(self.output_loss in OUTPUT_LOSSES, f"output_loss must be one of {OUTPUT_LOSSES}, got {self.output_loss!r}")
+        need(not (self.granularity == "all" and self.swing), "swing is implemented for granularity='batch' only")
         need(isinstance(self.coarse, (int, float)) and 0 <= self.coarse < 1, f"coarse must be in [0, 1), got {self.coarse!r}")
         need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
              f"seed must be an integer >= 0, got {self.seed!r}")
@@ -428,6 +444,9 @@ def synthesize_batches(model: nn.Module, input_size: tuple[int, int, int],
     the model between batches. ``log`` (a list) receives one dict per step:
     ``batch, step, lr, loss, bns, ce, tv, l2, acc`` (acc = FP top-1 on the targets, augmented).
 
+    With ``config.granularity == "all"`` the batches are optimised together (:func:`_invert_all`) and
+    yielded, in order, once all are done; such a run cannot resume (``start_batch``) or be sharded.
+
     ``shard = (rank, world)`` yields only the batches ``k`` with ``k % world == rank`` (data-parallel
     synthesis: each batch is seeded by its index, so the union over ranks is exactly the
     single-process set).
@@ -438,6 +457,9 @@ def synthesize_batches(model: nn.Module, input_size: tuple[int, int, int],
         raise TypeError(f"config must be a SynthConfig, got {type(config).__name__}")
     if not 0 <= start_batch <= config.num_batches:
         raise ValueError(f"start_batch must be in [0, {config.num_batches}], got {start_batch}")
+    if config.granularity == "all" and (start_batch or world > 1):
+        raise ValueError("granularity='all' optimises every batch together: it cannot resume at a batch "
+                         "(start_batch) or split the batches over ranks; use granularity='batch' for those")
     device, dtype = _model_device_dtype(model)
     lo, hi = pixel_bounds(mean, std, c)
     lo, hi = lo.to(device=device, dtype=dtype), hi.to(device=device, dtype=dtype)
@@ -448,6 +470,12 @@ def synthesize_batches(model: nn.Module, input_size: tuple[int, int, int],
         mine = sum(1 for b in range(start_batch, config.num_batches) if b % world == rank)
         bar = progress_bar(mine * config.steps, "synthesize[bns]")
     try:
+        if config.granularity == "all":
+            with _frozen_eval(model):
+                xs = _invert_all(model, labels_all, (c, h, w), lo, hi, config, device, dtype, bar, log)
+            for b, x in enumerate(xs):
+                yield x, labels_all[b * config.batch_size:b * config.batch_size + len(x)].to(device)
+            return
         for b in range(start_batch, config.num_batches):
             if b % world != rank:
                 continue
@@ -463,56 +491,133 @@ def synthesize_batches(model: nn.Module, input_size: tuple[int, int, int],
             bar.close()
 
 
+class _PixelBatch:
+    """One batch's optimisation state: its pixels, their Adam moments, targets and random stream."""
+
+    def __init__(self, labels: torch.Tensor, chw: tuple[int, int, int], lo: torch.Tensor, hi: torch.Tensor,
+                 cfg: SynthConfig, gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> None:
+        noise = initial_noise(labels.numel(), chw, cfg.init, gen)
+        self.image = ImageParam(noise.to(device=device, dtype=dtype).clamp(lo, hi), cfg.param)
+        self.adam = PixelAdam(self.image.tensor)
+        self.y = labels.to(device)
+        self.gen = gen
+
+    def final(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():   # the spectrum's round trip can leave a pixel 1e-6 outside the box
+            return self.image.images().clamp(lo, hi)
+
+
+def _output_loss(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+    """The class term of the inversion loss: cross-entropy to the target labels (``"ce"``), or
+    the negated mean spread ``-(max - min)`` of each image's logits (``"minmax"``, label-free:
+    any confident class will do)."""
+    if kind == "minmax":
+        return -(logits.amax(1) - logits.amin(1)).mean()
+    return F.cross_entropy(logits, y)
+
+
+def _pooled_layer_losses(hook: BNStatsHook, n0: int,
+                         others: list[tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]]) -> torch.Tensor:
+    """:meth:`BNStatsHook.layer_losses` with every layer's statistics taken over the current batch
+    (``n0`` images) and ``others`` together: ``others`` holds, per other batch, its image count and its last
+    per-layer ``(mu, var)`` (detached). Counts weight the means and the second moments
+    ``var + mu^2`` (images of one step share their spatial size), so the result is the mean and
+    variance over all those images; only the current batch carries gradient."""
+    terms = []
+    for i, bn in enumerate(hook.layers):
+        mu, var = hook.means[i], hook.vars[i]
+        total, s1, s2 = n0, n0 * mu, n0 * (var + mu * mu)
+        for n, stats in others:
+            m, v = stats[i]
+            total, s1, s2 = total + n, s1 + n * m, s2 + n * (v + m * m)
+        mu_all = s1 / total
+        var_all = (s2 / total - mu_all * mu_all).clamp_min(0)
+        terms.append(bn_stats_distance(mu_all, var_all, bn.running_mean.to(mu.dtype), bn.running_var.to(mu.dtype), bn.eps))
+    return torch.stack(terms)
+
+
+def _inversion_step(model: nn.Module, hook: BNStatsHook, batch: _PixelBatch, cfg: SynthConfig, lr: float,
+                    coarse: bool, lo: torch.Tensor, hi: torch.Tensor, others=None) -> dict:
+    """One Adam step on ``batch``'s pixels; returns the step's loss terms (floats) and FP top-1.
+    ``others``: the other batches' statistics for an all-images BN term (see :func:`_pooled_layer_losses`)."""
+    image = batch.image
+    image.tensor.grad = None
+    xa = augment(image.images(), cfg.jitter, cfg.flip, batch.gen)
+    xa = F.avg_pool2d(xa, 2) if coarse else xa
+    logits = model(xa)
+    layer_bns = hook.layer_losses() if others is None else _pooled_layer_losses(hook, xa.shape[0], others)
+    bns = layer_bns.sum()
+    loss = cfg.bn_weight * (bns + (cfg.first_bn_weight - 1) * layer_bns[0])
+    ce = _output_loss(logits, batch.y, cfg.output_loss) if cfg.ce_weight > 0 else logits.new_zeros(())
+    tv = total_variation(xa) if cfg.tv_weight > 0 else logits.new_zeros(())
+    l2 = xa.pow(2).mean() if cfg.l2_weight > 0 else logits.new_zeros(())
+    loss = loss + cfg.ce_weight * ce + cfg.tv_weight * tv + cfg.l2_weight * l2
+    loss.backward()
+    with torch.no_grad():
+        batch.adam.step(lr)
+        image.project(lo, hi)
+    acc = (logits.detach().argmax(1) == batch.y).float().mean()
+    return {"lr": lr, "loss": float(loss.detach()), "bns": float(bns.detach()), "ce": float(ce.detach()),
+            "tv": float(tv.detach()), "l2": float(l2.detach()), "acc": float(acc)}
+
+
+def _cosine_lr(cfg: SynthConfig, step: int) -> float:
+    lr_min = cfg.lr * 0.01
+    return lr_min + (cfg.lr - lr_min) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+
+
+def _coarse_steps(cfg: SynthConfig, chw: tuple[int, int, int]) -> int:
+    return int(cfg.coarse * cfg.steps) if min(chw[1:]) >= 4 else 0   # pooling needs a 2x2 image
+
+
+def _record(rec: dict, batch: int, step: int, bar, log: list[dict] | None, last: bool) -> None:
+    rec = {"batch": batch, "step": step, **rec}
+    if log is not None:
+        log.append(rec)
+    if bar is not None:
+        if step % 10 == 0 or last:
+            bar.set_postfix(batch=batch, bns=f"{rec['bns']:.3f}", ce=f"{rec['ce']:.3f}", acc=f"{rec['acc']:.2f}",
+                            refresh=False)
+        bar.update(1)
+
+
 def _invert_batch(model: nn.Module, labels: torch.Tensor, chw: tuple[int, int, int],
                   lo: torch.Tensor, hi: torch.Tensor, cfg: SynthConfig, gen: torch.Generator,
                   device: torch.device, dtype: torch.dtype, bar, batch: int,
                   log: list[dict] | None) -> torch.Tensor:
     """Optimise one batch of pixels for ``cfg.steps`` Adam steps; return them detached."""
-    n = labels.numel()
-    noise = initial_noise(n, chw, cfg.init, gen)
-    image = ImageParam(noise.to(device=device, dtype=dtype).clamp(lo, hi), cfg.param)
-    y = labels.to(device)
-    adam = PixelAdam(image.tensor)
-    lr_min = cfg.lr * 0.01
+    state = _PixelBatch(labels, chw, lo, hi, cfg, gen, device, dtype)
     swing = swing_convolutions(model, gen) if cfg.swing else contextlib.nullcontext()
-    coarse_steps = int(cfg.coarse * cfg.steps) if min(chw[1:]) >= 4 else 0  # pooling needs a 2x2 image
+    coarse_steps = _coarse_steps(cfg, chw)
     with torch.enable_grad(), BNStatsHook(model) as hook, swing:
         for step in range(cfg.steps):
-            lr = lr_min + (cfg.lr - lr_min) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-            image.tensor.grad = None
-            xa = augment(image.images(), cfg.jitter, cfg.flip, gen)
-            xa = F.avg_pool2d(xa, 2) if step < coarse_steps else xa
-            logits = model(xa)
-            layer_bns = hook.layer_losses()
-            bns = layer_bns.sum()
-            loss = cfg.bn_weight * (bns + (cfg.first_bn_weight - 1) * layer_bns[0])
-            ce = F.cross_entropy(logits, y) if cfg.ce_weight > 0 else logits.new_zeros(())
-            loss = loss + cfg.ce_weight * ce
-            tv = total_variation(xa) if cfg.tv_weight > 0 else logits.new_zeros(())
-            l2 = xa.pow(2).mean() if cfg.l2_weight > 0 else logits.new_zeros(())
-            loss = loss + cfg.tv_weight * tv + cfg.l2_weight * l2
-            loss.backward()
-            with torch.no_grad():
-                adam.step(lr)
-                image.project(lo, hi)
-            if log is not None or bar is not None:
-                show = bar is not None and (step % 10 == 0 or step == cfg.steps - 1)
-                if log is not None or show:
-                    acc = (logits.detach().argmax(1) == y).float().mean()
-                    rec = {"batch": batch, "step": step, "lr": lr, "loss": float(loss.detach()),
-                           "bns": float(bns.detach()), "ce": float(ce.detach()),
-                           "tv": float(tv.detach()), "l2": float(l2.detach()),
-                           "acc": float(acc)}
-                    if log is not None:
-                        log.append(rec)
-                    if show:
-                        bar.set_postfix(batch=batch, bns=f"{rec['bns']:.3f}",
-                                        ce=f"{rec['ce']:.3f}", acc=f"{rec['acc']:.2f}",
-                                        refresh=False)
-                if bar is not None:
-                    bar.update(1)
-    with torch.no_grad():   # the spectrum's round trip can leave a pixel 1e-6 outside the box
-        return image.images().clamp(lo, hi)
+            rec = _inversion_step(model, hook, state, cfg, _cosine_lr(cfg, step), step < coarse_steps, lo, hi)
+            _record(rec, batch, step, bar, log, step == cfg.steps - 1)
+    return state.final(lo, hi)
+
+
+def _invert_all(model: nn.Module, labels_all: torch.Tensor, chw: tuple[int, int, int],
+                lo: torch.Tensor, hi: torch.Tensor, cfg: SynthConfig, device: torch.device,
+                dtype: torch.dtype, bar, log: list[dict] | None) -> list[torch.Tensor]:
+    """``granularity="all"``: every batch is stepped once per step, in an order drawn anew each
+    step, and the BN term matches the statistics of all images together (each batch's own
+    statistics with gradient, the others' from their latest step). Batch ``k`` starts from the
+    same noise and draws its augmentations from the same stream as in per-batch mode."""
+    bounds = [(b * cfg.batch_size, min((b + 1) * cfg.batch_size, cfg.num_images)) for b in range(cfg.num_batches)]
+    states = [_PixelBatch(labels_all[i0:i1], chw, lo, hi, cfg, _batch_generator(cfg.seed, b), device, dtype)
+              for b, (i0, i1) in enumerate(bounds)]
+    order_gen = torch.Generator().manual_seed(int(cfg.seed) * 104_729 + 3)
+    latest: dict[int, tuple[int, list]] = {}
+    coarse_steps = _coarse_steps(cfg, chw)
+    with torch.enable_grad(), BNStatsHook(model) as hook:
+        for step in range(cfg.steps):
+            lr = _cosine_lr(cfg, step)
+            for b in torch.randperm(len(states), generator=order_gen).tolist():
+                others = [latest[k] for k in latest if k != b]
+                rec = _inversion_step(model, hook, states[b], cfg, lr, step < coarse_steps, lo, hi, others)
+                latest[b] = (states[b].y.numel(), [(m.detach(), v.detach()) for m, v in zip(hook.means, hook.vars)])
+                _record(rec, b, step, bar, log, step == cfg.steps - 1)
+    return [s.final(lo, hi) for s in states]
 
 
 def synthesize(model: nn.Module, input_size: tuple[int, int, int],

@@ -278,6 +278,70 @@ def test_synthesize_rejects_bad_arguments():
         next(synthesize_batches(model, SIZE, MEAN, STD, 5, cfg(), progress=False, start_batch=9))
 
 
+# ------------------------------------------------------------------------------- all-images statistics, output loss
+
+
+def test_pooled_statistics_are_those_of_the_concatenated_batches():
+    from dfq.pipeline.synthesize import _pooled_layer_losses
+    model = make_model().eval()
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(5, *SIZE, generator=g), 0.5 * torch.randn(3, *SIZE, generator=g) + 0.3
+    with torch.no_grad(), BNStatsHook(model) as hook:
+        model(torch.cat([a, b]))
+        whole = hook.layer_losses()
+        model(a)
+        stats_a = [(m.clone(), v.clone()) for m, v in zip(hook.means, hook.vars)]
+        model(b)
+        own = hook.layer_losses()
+        pooled = _pooled_layer_losses(hook, 3, [(5, stats_a)])
+    assert torch.allclose(pooled, whole, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(own, whole, rtol=1e-2)   # the batch by itself is not the set
+
+
+def test_granularity_all_matches_the_set_and_is_deterministic():
+    model = make_model()
+    config = cfg(num_images=12, batch_size=4, steps=30, granularity="all", tv_weight=0.0, l2_weight=0.0)
+    log: list[dict] = []
+    x, y = run(model, config, log=log)
+    assert x.shape == (12, *SIZE) and torch.equal(y, target_labels(12, 5, seed=0))
+    assert len(log) == 3 * 30 and sorted({r["batch"] for r in log}) == [0, 1, 2]
+    lo, hi = pixel_bounds(MEAN, STD, 3)
+    assert bool((x >= lo).all()) and bool((x <= hi).all())
+    noise = torch.maximum(torch.minimum(torch.randn(12, *SIZE, generator=torch.Generator().manual_seed(0)), hi), lo)
+    assert evaluate_synthetic(model, x, y, batch_size=12)["bns"] < 0.5 * evaluate_synthetic(model, noise, y, batch_size=12)["bns"]
+    x2, _ = run(model, config)
+    assert torch.equal(x, x2)
+    x3, _ = run(model, dataclasses.replace(config, granularity="batch"))
+    assert not torch.equal(x, x3)
+
+
+def test_granularity_all_refuses_resume_shards_and_swing():
+    model = make_model()
+    with pytest.raises(ValueError, match="granularity='all'"):
+        next(synthesize_batches(model, SIZE, MEAN, STD, 5, cfg(granularity="all"), progress=False, start_batch=1))
+    with pytest.raises(ValueError, match="granularity='all'"):
+        next(synthesize_batches(model, SIZE, MEAN, STD, 5, cfg(granularity="all"), progress=False, shard=(0, 2)))
+    with pytest.raises(ValueError, match="swing"):
+        cfg(granularity="all", swing=True)
+    with pytest.raises(ValueError, match="granularity"):
+        cfg(granularity="image")
+    with pytest.raises(ValueError, match="output_loss"):
+        cfg(output_loss="margin")
+
+
+def test_minmax_output_loss_spreads_the_logits_without_labels():
+    from dfq.pipeline.synthesize import _output_loss
+    logits = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 3.0]])
+    assert float(_output_loss(logits, torch.tensor([0, 0]), "minmax")) == pytest.approx(-(3.0 + 3.0) / 2)
+    model = make_model()
+    base = dict(num_images=8, batch_size=8, steps=30, bn_weight=0.01, ce_weight=1.0, tv_weight=0.0, l2_weight=0.0)
+    x_mm, y = run(model, cfg(output_loss="minmax", **base))
+    x_off, _ = run(model, cfg(**{**base, "ce_weight": 0.0}))
+    with torch.no_grad():
+        spread = lambda x: float((model(x).amax(1) - model(x).amin(1)).mean())
+        assert spread(x_mm) > 1.5 * spread(x_off)
+
+
 # ------------------------------------------------------------------------------- swing convolutions
 
 
