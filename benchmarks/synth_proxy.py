@@ -63,12 +63,21 @@ def describe(model, images: torch.Tensor, labels: torch.Tensor) -> dict:
             "fp_confidence": float(p.max(1).values.mean()), "target_hits": float((p.argmax(1) == labels).float().mean())}
 
 
+# SynthConfig fields added after the first cached sets, with the value those sets were made with:
+# at that value they stay out of the key, so the earlier sets are found again.
+_LATER_FIELDS = {"granularity": "batch", "output_loss": "ce"}
+
+
+def _cache_fields(cfg: SynthConfig) -> dict:
+    return {k: v for k, v in cfg.to_dict().items() if _LATER_FIELDS.get(k, object()) != v}
+
+
 def cached_synthesis(model, spec, cfg: SynthConfig, cache: Path | None):
     """The BN-inversion images and labels of ``cfg``, from ``cache`` when it holds the set of the
     same config (the model and the synthesis code are the caller's to keep the same)."""
     path = None
     if cache is not None:
-        key = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps(_cache_fields(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
         path = cache / f"lite0-{key}.pt"
         if path.exists():
             saved = torch.load(path, weights_only=True)
