@@ -220,7 +220,7 @@ class OrtIntegerReference(fx.Interpreter):
 
     def _global_pool(self, n: fx.Node, q: ActQuantizer) -> torch.Tensor:
         xq, s_x, qx = self._input_codes(n.args[0])
-        zx, zy = _zero_point(qx.grid), _zero_point(q.grid)
+        zx = _zero_point(qx.grid)
         size = xq.shape[2] * xq.shape[3]
         acc = (xq + zx).double().sum(dim=(2, 3), keepdim=True) - zx * size
         s_y = self._scale(q)

@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 
 from dfq.kernels.fake_quant import Grid, mse_optimal_scale
-from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear
 from dfq.pipeline.quantize import QuantizedModel
 
 METHODS = ("minmax", "percentile", "mse")

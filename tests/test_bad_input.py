@@ -142,10 +142,10 @@ def test_val_not_an_image_folder(tmp_path, capsys, r20_weights):
 
 
 def test_resume_without_checkpoint(tmp_path, capsys, r20_weights):
-    before = set(tmp_path.rglob("*"))
     code = main([_ckpt(tmp_path, r20_weights), "--out", str(tmp_path / "out.onnx"), "--resume",
                  "--method", "bns", "--no-progress"])
     assert code == 2 and "does not fine-tune" in capsys.readouterr().err
+    assert not list(tmp_path.glob("out*"))   # refused before anything is written
 
 
 def test_checkpoint_without_batchnorm_statistics(tmp_path, capsys, r20_weights):

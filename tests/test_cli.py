@@ -1,7 +1,6 @@
 """The dfq-export command line: option errors, output protection, the engine message, and one
 end-to-end run on a tiny checkpoint (registered under a test-only architecture name)."""
 import json
-import os
 import subprocess
 import sys
 

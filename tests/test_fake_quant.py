@@ -30,7 +30,7 @@ def test_rounding_is_half_to_even_and_clamped_exactly():
 
 
 def test_fake_quant_matches_onnx_quantize_linear():
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx")
     import numpy as np
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
