@@ -14,7 +14,7 @@ from torch import nn
 
 from dfq.common import distributed as D
 from dfq.pipeline import losses as L
-from dfq.pipeline.synthesize import batch_mean_var
+from dfq.pipeline.bn_stats import batch_mean_var
 
 
 class TeacherTaps:

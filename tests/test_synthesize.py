@@ -282,7 +282,6 @@ def test_synthesize_rejects_bad_arguments():
 
 
 def test_pooled_statistics_are_those_of_the_concatenated_batches():
-    from dfq.pipeline.synthesize import _pooled_layer_losses
     model = make_model().eval()
     g = torch.Generator().manual_seed(3)
     a, b = torch.randn(5, *SIZE, generator=g), 0.5 * torch.randn(3, *SIZE, generator=g) + 0.3
@@ -293,7 +292,7 @@ def test_pooled_statistics_are_those_of_the_concatenated_batches():
         stats_a = [(m.clone(), v.clone()) for m, v in zip(hook.means, hook.vars)]
         model(b)
         own = hook.layer_losses()
-        pooled = _pooled_layer_losses(hook, 3, [(5, stats_a)])
+        pooled = hook.pooled_layer_losses(3, [(5, stats_a)])
     assert torch.allclose(pooled, whole, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(own, whole, rtol=1e-2)   # the batch by itself is not the set
 
