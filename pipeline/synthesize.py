@@ -243,6 +243,11 @@ def target_labels(num_images: int, num_classes: int, seed: int = 0, start: int =
 # synthesis
 
 
+def _batch_range(cfg: SynthConfig, batch: int) -> slice:
+    """The global image indices of batch ``batch`` (the last batch may be smaller)."""
+    return slice(batch * cfg.batch_size, min((batch + 1) * cfg.batch_size, cfg.num_images))
+
+
 def _batch_generator(seed: int, batch: int) -> torch.Generator:
     # An independent, reproducible stream per (seed, batch): resuming at any batch is exact.
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(batch) * 7_919 + 1) % (2**63))
@@ -330,14 +335,12 @@ def synthesize_batches(model: nn.Module, input_size: tuple[int, int, int],
             with _frozen_eval(model):
                 xs = _invert_all(model, labels_all, (c, h, w), lo, hi, config, device, dtype, bar, log)
             for b, x in enumerate(xs):
-                yield x, labels_all[b * config.batch_size:b * config.batch_size + len(x)].to(device)
+                yield x, labels_all[_batch_range(config, b)].to(device)
             return
         for b in range(start_batch, config.num_batches):
             if b % world != rank:
                 continue
-            i0 = b * config.batch_size
-            i1 = min(i0 + config.batch_size, config.num_images)
-            labels = labels_all[i0:i1]
+            labels = labels_all[_batch_range(config, b)]
             with _frozen_eval(model):
                 x = _invert_batch(model, labels, (c, h, w), lo, hi, config,
                                   _batch_generator(config.seed, b), device, dtype, bar, b, log)
@@ -374,7 +377,8 @@ def _output_loss(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tens
 
 def _inversion_step(model: nn.Module, hook: BNStatsHook, batch: _PixelBatch, cfg: SynthConfig, lr: float,
                     coarse: bool, lo: torch.Tensor, hi: torch.Tensor, others=None) -> dict:
-    """One Adam step on ``batch``'s pixels; returns the step's loss terms (floats) and FP top-1.
+    """One Adam step on ``batch``'s pixels; returns the step's loss terms and FP top-1 (detached
+    tensors: :func:`_record` reads them only when it logs or shows them).
     ``others``: the other batches' statistics for an all-images BN term (see :meth:`BNStatsHook.pooled_layer_losses`)."""
     image = batch.image
     image.tensor.grad = None
@@ -393,8 +397,8 @@ def _inversion_step(model: nn.Module, hook: BNStatsHook, batch: _PixelBatch, cfg
         batch.adam.step(lr)
         image.project(lo, hi)
     acc = (logits.detach().argmax(1) == batch.y).float().mean()
-    return {"lr": lr, "loss": float(loss.detach()), "bns": float(bns.detach()), "ce": float(ce.detach()),
-            "tv": float(tv.detach()), "l2": float(l2.detach()), "acc": float(acc)}
+    return {"lr": lr, "loss": loss.detach(), "bns": bns.detach(), "ce": ce.detach(), "tv": tv.detach(),
+            "l2": l2.detach(), "acc": acc}
 
 
 def _cosine_lr(cfg: SynthConfig, step: int) -> float:
@@ -406,14 +410,16 @@ def _coarse_steps(cfg: SynthConfig, chw: tuple[int, int, int]) -> int:
     return int(cfg.coarse * cfg.steps) if min(chw[1:]) >= 4 else 0   # pooling needs a 2x2 image
 
 
-def _record(rec: dict, batch: int, step: int, bar, log: list[dict] | None, last: bool) -> None:
-    rec = {"batch": batch, "step": step, **rec}
-    if log is not None:
-        log.append(rec)
-    if bar is not None:
-        if step % 10 == 0 or last:
+def _record(terms: dict, batch: int, step: int, bar, log: list[dict] | None, last: bool) -> None:
+    show = bar is not None and (step % 10 == 0 or last)
+    if log is not None or show:
+        rec = {"batch": batch, "step": step, **{k: float(v) for k, v in terms.items()}}
+        if log is not None:
+            log.append(rec)
+        if show:
             bar.set_postfix(batch=batch, bns=f"{rec['bns']:.3f}", ce=f"{rec['ce']:.3f}", acc=f"{rec['acc']:.2f}",
                             refresh=False)
+    if bar is not None:
         bar.update(1)
 
 
@@ -439,9 +445,8 @@ def _invert_all(model: nn.Module, labels_all: torch.Tensor, chw: tuple[int, int,
     step, and the BN term matches the statistics of all images together (each batch's own
     statistics with gradient, the others' from their latest step). Batch ``k`` starts from the
     same noise and draws its augmentations from the same stream as in per-batch mode."""
-    bounds = [(b * cfg.batch_size, min((b + 1) * cfg.batch_size, cfg.num_images)) for b in range(cfg.num_batches)]
-    states = [_PixelBatch(labels_all[i0:i1], chw, lo, hi, cfg, _batch_generator(cfg.seed, b), device, dtype)
-              for b, (i0, i1) in enumerate(bounds)]
+    states = [_PixelBatch(labels_all[_batch_range(cfg, b)], chw, lo, hi, cfg, _batch_generator(cfg.seed, b), device, dtype)
+              for b in range(cfg.num_batches)]
     order_gen = torch.Generator().manual_seed(int(cfg.seed) * 104_729 + 3)
     latest: dict[int, tuple[int, list]] = {}
     coarse_steps = _coarse_steps(cfg, chw)
