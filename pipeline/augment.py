@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["augment", "swing_convolutions", "initial_noise", "INITS", "ImageParam", "PARAMS", "PixelAdam"]
+__all__ = ["augment", "swing_convolutions", "initial_noise", "scale_to_box", "random_crop", "center_crop", "INITS", "ImageParam", "PARAMS", "PixelAdam"]
 
 
 def augment(x: torch.Tensor, jitter: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
@@ -30,6 +30,23 @@ def augment(x: torch.Tensor, jitter: int, flip: bool, gen: torch.Generator) -> t
     if flip and bool(torch.rand((), generator=gen) < 0.5):
         x = torch.flip(x, dims=(3,))
     return x
+
+
+def random_crop(x: torch.Tensor, size: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+    """A ``size`` window of ``x`` ``[B, C, H, W]`` at one offset drawn uniformly from ``gen`` (the same
+    for the whole batch): how BN inversion on a larger canvas shows the model an input-sized view."""
+    h, w = size
+    dy = int(torch.randint(0, x.shape[2] - h + 1, (), generator=gen))
+    dx = int(torch.randint(0, x.shape[3] - w + 1, (), generator=gen))
+    return x[..., dy:dy + h, dx:dx + w]
+
+
+def center_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The centred ``size`` window of ``x`` ``[B, C, H, W]`` (extra pixels split evenly, the odd one
+    after)."""
+    h, w = size
+    dy, dx = (x.shape[2] - h) // 2, (x.shape[3] - w) // 2
+    return x[..., dy:dy + h, dx:dx + w]
 
 
 @contextlib.contextmanager
@@ -60,17 +77,21 @@ def swing_convolutions(model: nn.Module, gen: torch.Generator):
             h.remove()
 
 
-INITS = ("white", "pink")
+INITS = ("white", "pink", "diverse")
 
 
 def initial_noise(n: int, chw: tuple[int, int, int], kind: str, gen: torch.Generator) -> torch.Tensor:
-    """The images BN inversion starts from, ``[n, C, H, W]``, zero mean and unit variance per pixel.
+    """The images BN inversion starts from, ``[n, C, H, W]``.
 
     ``white``: independent N(0, 1) pixels. ``pink``: the sum of N(0, 1) fields drawn at every octave
     of the image side (1/2, 1/4, ... down to 4 pixels, and full size), each bilinearly upsampled, with
     equal variance per octave, so that neighbouring pixels are correlated as in natural images (whose
     power falls as 1/f) instead of starting as independent noise that a few hundred steps cannot
-    remove."""
+    remove. Both have zero mean and unit variance per pixel. ``diverse``: the pink field of every
+    (image, channel) times a gain and plus an offset, each drawn from N(0, 1/4) per (image, channel)
+    (Sony MCT's "diverse" start, on pink instead of box-filtered white noise): every image starts
+    with its own colour cast and contrast, where the other kinds start all images alike. The caller
+    scales it to its pixel box (:func:`scale_to_box`)."""
     c, h, w = chw
     if kind == "white":
         return torch.randn((n, c, h, w), generator=gen, dtype=torch.float32)
@@ -81,7 +102,23 @@ def initial_noise(n: int, chw: tuple[int, int, int], kind: str, gen: torch.Gener
                           generator=gen, dtype=torch.float32)
         fields.append(F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False))
     total = torch.stack([f / f.std() for f in fields]).sum(0)
-    return total / total.std()
+    pink = total / total.std()
+    if kind != "diverse":
+        return pink
+    gain = 0.5 * torch.randn((n, c, 1, 1), generator=gen, dtype=torch.float32)
+    offset = 0.5 * torch.randn((n, c, 1, 1), generator=gen, dtype=torch.float32)
+    return pink * gain + offset
+
+
+def scale_to_box(noise: torch.Tensor, kind: str, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """``noise`` from :func:`initial_noise` in the box ``[lo, hi]`` (per channel, broadcastable) the
+    pixels live in. ``white`` and ``pink`` are used as they are (unit variance in the model's
+    normalised input space) and clamped; ``diverse`` is read in units of the box's half-width around its
+    centre, so that its spread of colours and contrasts is the same fraction of the valid range
+    whatever the model's input normalisation."""
+    if kind == "diverse":
+        noise = (lo + hi) / 2 + noise * (hi - lo) / 2
+    return noise.clamp(lo, hi)
 
 
 PARAMS = ("pixel", "spectrum")

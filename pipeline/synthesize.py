@@ -42,7 +42,8 @@ from torch import nn
 
 from dfq.common import distributed as D
 from dfq.common.progress import progress as progress_bar
-from dfq.pipeline.augment import INITS, PARAMS, ImageParam, PixelAdam, augment, initial_noise, swing_convolutions
+from dfq.pipeline.augment import (INITS, PARAMS, ImageParam, PixelAdam, augment, center_crop, initial_noise, random_crop,
+                                  scale_to_box, swing_convolutions)
 from dfq.pipeline.bn_stats import BNStatsHook, batch_mean_var
 from dfq.pipeline.models import is_small_input
 
@@ -78,8 +79,12 @@ class SynthConfig:
     batch's (Sony MCT's default "all images" granularity): a batch need not carry the population's
     statistics by itself, only the whole set. ``output_loss="minmax"`` replaces the cross-entropy
     to target labels by the negated spread of each image's logits (MCT's default output loss):
-    the images are pushed to be confidently something, not a chosen class. Both are off in every
-    preset (README "Methods" has the EfficientNet-Lite0 W4A8 measurements)."""
+    the images are pushed to be confidently something, not a chosen class. ``canvas`` > 0 optimises
+    images that many pixels taller and wider and shows the model a random input-sized crop of them each
+    step (before the jitter and flip), keeping the centre crop at the end (MCT's random-crop image
+    pipeline): every pixel of the result is seen at many positions, without the wrap-around seam of
+    the circular jitter. ``init="diverse"``: :func:`~dfq.pipeline.augment.initial_noise`. These are off in
+    every preset (README "Methods" has the EfficientNet-Lite0 W4A8 measurements)."""
 
     num_images: int
     batch_size: int
@@ -98,6 +103,7 @@ class SynthConfig:
     param: str = "pixel"                # pixel | spectrum
     granularity: str = "batch"          # batch | all
     output_loss: str = "ce"             # ce | minmax
+    canvas: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -126,6 +132,8 @@ class SynthConfig:
         need(self.granularity in GRANULARITIES, f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         need(self.output_loss in OUTPUT_LOSSES, f"output_loss must be one of {OUTPUT_LOSSES}, got {self.output_loss!r}")
         need(not (self.granularity == "all" and self.swing), "swing is implemented for granularity='batch' only")
+        need(isinstance(self.canvas, int) and not isinstance(self.canvas, bool) and self.canvas >= 0,
+             f"canvas must be an integer >= 0, got {self.canvas!r}")
         need(isinstance(self.coarse, (int, float)) and 0 <= self.coarse < 1, f"coarse must be in [0, 1), got {self.coarse!r}")
         need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
              f"seed must be an integer >= 0, got {self.seed!r}")
@@ -355,15 +363,22 @@ class _PixelBatch:
 
     def __init__(self, labels: torch.Tensor, chw: tuple[int, int, int], lo: torch.Tensor, hi: torch.Tensor,
                  cfg: SynthConfig, gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> None:
-        noise = initial_noise(labels.numel(), chw, cfg.init, gen)
-        self.image = ImageParam(noise.to(device=device, dtype=dtype).clamp(lo, hi), cfg.param)
+        c, h, w = chw
+        noise = initial_noise(labels.numel(), (c, h + cfg.canvas, w + cfg.canvas), cfg.init, gen)
+        self.image = ImageParam(scale_to_box(noise.to(device=device, dtype=dtype), cfg.init, lo, hi), cfg.param)
+        self.size = (h, w)
         self.adam = PixelAdam(self.image.tensor)
         self.y = labels.to(device)
         self.gen = gen
 
     def final(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():   # the spectrum's round trip can leave a pixel 1e-6 outside the box
-            return self.image.images().clamp(lo, hi)
+            return center_crop(self.image.images(), self.size).clamp(lo, hi).contiguous()
+
+    def view(self) -> torch.Tensor:
+        """The input-sized images the model sees this step, before the jitter and flip."""
+        x = self.image.images()
+        return random_crop(x, self.size, self.gen) if x.shape[2:] != self.size else x
 
 
 def _output_loss(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
@@ -382,7 +397,7 @@ def _inversion_step(model: nn.Module, hook: BNStatsHook, batch: _PixelBatch, cfg
     ``others``: the other batches' statistics for an all-images BN term (see :meth:`BNStatsHook.pooled_layer_losses`)."""
     image = batch.image
     image.tensor.grad = None
-    xa = augment(image.images(), cfg.jitter, cfg.flip, batch.gen)
+    xa = augment(batch.view(), cfg.jitter, cfg.flip, batch.gen)
     xa = F.avg_pool2d(xa, 2) if coarse else xa
     logits = model(xa)
     layer_bns = hook.layer_losses() if others is None else hook.pooled_layer_losses(xa.shape[0], others)
