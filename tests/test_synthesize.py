@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from dfq.pipeline.augment import ImageParam, initial_noise
+from dfq.pipeline.augment import ImageParam, center_crop, initial_noise, random_crop, scale_to_box
 from dfq.pipeline.synthesize import (BNStatsHook, SynthConfig, batch_mean_var,
                                      evaluate_synthetic, pixel_bounds, synthesize,
                                      swing_convolutions, synthesize_batches, target_labels,
@@ -405,6 +405,60 @@ def test_initial_noise_white_and_pink():
     assert torch.equal(initial_noise(2, (3, 8, 8), "pink", g1), initial_noise(2, (3, 8, 8), "pink", g2))
 
 
+def test_diverse_init_gives_each_image_its_own_colour_and_contrast_inside_the_box():
+    g = torch.Generator().manual_seed(0)
+    lo, hi = pixel_bounds(MEAN, STD, 3)
+    pink = scale_to_box(initial_noise(64, (3, 32, 32), "pink", g), "pink", lo, hi)
+    diverse = scale_to_box(initial_noise(64, (3, 32, 32), "diverse", g), "diverse", lo, hi)
+    assert bool((diverse >= lo).all() and (diverse <= hi).all())
+    # spread over images of each image's per-channel mean and contrast: pink starts all alike
+    means_p, means_d = pink.mean((2, 3)), diverse.mean((2, 3))
+    assert float(means_d.std(0).min()) > 3 * float(means_p.std(0).max())
+    contrast_d = diverse.std((2, 3))
+    assert float(contrast_d.std(0).min()) > 0.1
+    # centred on the box: the offsets are drawn around its middle, in units of its half-width
+    centre = ((lo + hi) / 2).flatten()
+    assert torch.allclose(means_d.mean(0), centre, atol=0.35)
+    assert neighbour_correlation(diverse) > 0.5
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(initial_noise(2, (3, 8, 8), "diverse", g1), initial_noise(2, (3, 8, 8), "diverse", g2))
+
+
+def test_random_crop_covers_every_offset_and_centre_crop_takes_the_middle():
+    x = torch.arange(2 * 3 * 10 * 12, dtype=torch.float32).view(2, 3, 10, 12)
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(300):
+        c = random_crop(x, (8, 8), g)
+        assert c.shape == (2, 3, 8, 8)
+        dy, dx = divmod(int(c[0, 0, 0, 0]), 12)
+        assert torch.equal(c, x[..., dy:dy + 8, dx:dx + 8])
+        seen.add((dy, dx))
+    assert seen == {(dy, dx) for dy in range(3) for dx in range(5)}
+    assert torch.equal(center_crop(x, (8, 8)), x[..., 1:9, 2:10])
+    assert torch.equal(center_crop(x, (10, 12)), x)
+
+
+def test_canvas_shows_the_model_input_sized_views_and_returns_the_centre():
+    model = make_model()
+    sizes = []
+    handle = model.conv1.register_forward_pre_hook(lambda m, inp: sizes.append(tuple(inp[0].shape[2:])))
+    log: list[dict] = []
+    base = dict(num_images=8, batch_size=8, steps=30, lr=0.1, ce_weight=0.0, tv_weight=0.0, l2_weight=0.0, jitter=0)
+    try:
+        x, _ = run(model, cfg(**base, canvas=4), log=log)
+    finally:
+        handle.remove()
+    assert set(sizes) == {SIZE[1:]} and x.shape == (8, *SIZE) and x.is_contiguous()
+    lo, hi = pixel_bounds(MEAN, STD, 3)
+    assert bool((x >= lo).all() and (x <= hi).all())
+    assert min(r["bns"] for r in log[-5:]) < 0.5 * log[0]["bns"]
+    again, _ = run(model, cfg(**base, canvas=4))
+    assert torch.equal(x, again)
+    plain, _ = run(model, cfg(**base))
+    assert not torch.equal(x, plain)
+
+
 def test_first_bn_weight_scales_only_the_first_layer_term():
     model = make_model()
     logs = {}
@@ -491,7 +545,7 @@ def test_synthesize_through_the_spectrum():
     ("num_images", 0), ("batch_size", -1), ("steps", 0), ("steps", 2.5), ("lr", 0.0),
     ("lr", float("nan")), ("bn_weight", -1.0), ("tv_weight", float("inf")), ("jitter", -1),
     ("flip", 1), ("swing", 1), ("seed", -3), ("first_bn_weight", -1.0), ("coarse", 1.0),
-    ("coarse", -0.1), ("init", "blue"), ("param", "wavelet"),
+    ("coarse", -0.1), ("init", "blue"), ("param", "wavelet"), ("canvas", -1), ("canvas", 2.5),
 ])
 def test_config_validation(field, value):
     with pytest.raises(ValueError, match=field):
