@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["augment", "swing_convolutions", "initial_noise", "scale_to_box", "random_crop", "center_crop", "INITS", "ImageParam", "PARAMS", "PixelAdam"]
+__all__ = ["augment", "swing_convolutions", "initial_noise", "scale_to_box", "random_crop", "center_crop", "gaussian_smooth", "INITS", "ImageParam", "PARAMS", "PixelAdam"]
 
 
 def augment(x: torch.Tensor, jitter: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
@@ -47,6 +47,19 @@ def center_crop(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     h, w = size
     dy, dx = (x.shape[2] - h) // 2, (x.shape[3] - w) // 2
     return x[..., dy:dy + h, dx:dx + w]
+
+
+def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``x`` ``[B, C, H, W]`` filtered per channel by a normalised 3x3 Gaussian of standard deviation
+    ``sigma`` pixels (reflect-padded, so the size stays), differentiably: the smoothing of MCT's
+    image pipeline, which the model sees every step and the result keeps. ``sigma`` 0: ``x``."""
+    if sigma <= 0:
+        return x
+    t = torch.tensor([-1.0, 0.0, 1.0], dtype=x.dtype, device=x.device)
+    k1 = torch.exp(-t * t / (2 * sigma * sigma))
+    k = torch.outer(k1, k1)
+    k = (k / k.sum()).expand(x.shape[1], 1, 3, 3)
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), k, groups=x.shape[1])
 
 
 @contextlib.contextmanager

@@ -42,8 +42,8 @@ from torch import nn
 
 from dfq.common import distributed as D
 from dfq.common.progress import progress as progress_bar
-from dfq.pipeline.augment import (INITS, PARAMS, ImageParam, PixelAdam, augment, center_crop, initial_noise, random_crop,
-                                  scale_to_box, swing_convolutions)
+from dfq.pipeline.augment import (INITS, PARAMS, ImageParam, PixelAdam, augment, center_crop, gaussian_smooth, initial_noise,
+                                  random_crop, scale_to_box, swing_convolutions)
 from dfq.pipeline.bn_stats import BNStatsHook, batch_mean_var
 from dfq.pipeline.models import is_small_input
 
@@ -83,7 +83,9 @@ class SynthConfig:
     images that many pixels taller and wider and shows the model a random input-sized crop of them each
     step (before the jitter and flip), keeping the centre crop at the end (MCT's random-crop image
     pipeline): every pixel of the result is seen at many positions, without the wrap-around seam of
-    the circular jitter. ``init="diverse"``: :func:`~dfq.pipeline.augment.initial_noise`. These are off in
+    the circular jitter. ``smooth`` > 0: the model sees the images through a 3x3 Gaussian of that
+    standard deviation in pixels every step, and the result is the smoothed images (MCT's
+    smoothing, sigma 1.25 there). ``init="diverse"``: :func:`~dfq.pipeline.augment.initial_noise`. These are off in
     every preset (README "Methods" has the EfficientNet-Lite0 W4A8 measurements)."""
 
     num_images: int
@@ -104,6 +106,7 @@ class SynthConfig:
     granularity: str = "batch"          # batch | all
     output_loss: str = "ce"             # ce | minmax
     canvas: int = 0
+    smooth: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -132,6 +135,8 @@ class SynthConfig:
         need(self.granularity in GRANULARITIES, f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         need(self.output_loss in OUTPUT_LOSSES, f"output_loss must be one of {OUTPUT_LOSSES}, got {self.output_loss!r}")
         need(not (self.granularity == "all" and self.swing), "swing is implemented for granularity='batch' only")
+        need(isinstance(self.smooth, (int, float)) and not isinstance(self.smooth, bool) and math.isfinite(self.smooth)
+             and self.smooth >= 0, f"smooth must be a finite number >= 0, got {self.smooth!r}")
         need(isinstance(self.canvas, int) and not isinstance(self.canvas, bool) and self.canvas >= 0,
              f"canvas must be an integer >= 0, got {self.canvas!r}")
         need(isinstance(self.coarse, (int, float)) and 0 <= self.coarse < 1, f"coarse must be in [0, 1), got {self.coarse!r}")
@@ -367,17 +372,19 @@ class _PixelBatch:
         noise = initial_noise(labels.numel(), (c, h + cfg.canvas, w + cfg.canvas), cfg.init, gen)
         self.image = ImageParam(scale_to_box(noise.to(device=device, dtype=dtype), cfg.init, lo, hi), cfg.param)
         self.size = (h, w)
+        self.smooth = float(cfg.smooth)
         self.adam = PixelAdam(self.image.tensor)
         self.y = labels.to(device)
         self.gen = gen
 
     def final(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():   # the spectrum's round trip can leave a pixel 1e-6 outside the box
-            return center_crop(self.image.images(), self.size).clamp(lo, hi).contiguous()
+            x = gaussian_smooth(self.image.images(), self.smooth)
+            return center_crop(x, self.size).clamp(lo, hi).contiguous()
 
     def view(self) -> torch.Tensor:
         """The input-sized images the model sees this step, before the jitter and flip."""
-        x = self.image.images()
+        x = gaussian_smooth(self.image.images(), self.smooth)
         return random_crop(x, self.size, self.gen) if x.shape[2:] != self.size else x
 
 

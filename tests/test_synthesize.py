@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from dfq.pipeline.augment import ImageParam, center_crop, initial_noise, random_crop, scale_to_box
+from dfq.pipeline.augment import ImageParam, center_crop, gaussian_smooth, initial_noise, random_crop, scale_to_box
 from dfq.pipeline.synthesize import (BNStatsHook, SynthConfig, batch_mean_var,
                                      evaluate_synthetic, pixel_bounds, synthesize,
                                      swing_convolutions, synthesize_batches, target_labels,
@@ -459,6 +459,29 @@ def test_canvas_shows_the_model_input_sized_views_and_returns_the_centre():
     assert not torch.equal(x, plain)
 
 
+def test_gaussian_smooth_keeps_constants_and_averages_noise():
+    const = torch.full((1, 3, 6, 6), 0.7)
+    assert torch.allclose(gaussian_smooth(const, 1.25), const)
+    noise = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert gaussian_smooth(noise, 0.0) is noise
+    smooth = gaussian_smooth(noise, 1.25)
+    assert smooth.shape == noise.shape
+    # nine near-equal weights: the variance of independent noise falls to about 1/9 (edges reflect)
+    assert 0.08 < float(smooth.var()) < 0.2 and neighbour_correlation(smooth) > 0.5
+    # a narrow kernel keeps most of the centre
+    assert float((gaussian_smooth(noise, 0.3) - noise).abs().mean()) < 0.1
+
+
+def test_smooth_synthesis_returns_smoothed_images():
+    model = make_model()
+    base = dict(num_images=8, batch_size=8, steps=20, lr=0.1, ce_weight=0.0, tv_weight=0.0, l2_weight=0.0)
+    plain, _ = run(model, cfg(**base))
+    smooth, _ = run(model, cfg(**base, smooth=1.25))
+    assert neighbour_correlation(smooth) > neighbour_correlation(plain) + 0.2
+    again, _ = run(model, cfg(**base, smooth=1.25))
+    assert torch.equal(smooth, again)
+
+
 def test_first_bn_weight_scales_only_the_first_layer_term():
     model = make_model()
     logs = {}
@@ -546,6 +569,7 @@ def test_synthesize_through_the_spectrum():
     ("lr", float("nan")), ("bn_weight", -1.0), ("tv_weight", float("inf")), ("jitter", -1),
     ("flip", 1), ("swing", 1), ("seed", -3), ("first_bn_weight", -1.0), ("coarse", 1.0),
     ("coarse", -0.1), ("init", "blue"), ("param", "wavelet"), ("canvas", -1), ("canvas", 2.5),
+    ("smooth", -0.5), ("smooth", float("nan")),
 ])
 def test_config_validation(field, value):
     with pytest.raises(ValueError, match=field):
