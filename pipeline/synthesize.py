@@ -85,7 +85,8 @@ class SynthConfig:
     pipeline): every pixel of the result is seen at many positions, without the wrap-around seam of
     the circular jitter. ``smooth`` > 0: the model sees the images through a 3x3 Gaussian of that
     standard deviation in pixels every step, and the result is the smoothed images (MCT's
-    smoothing, sigma 1.25 there). ``init="diverse"``: :func:`~dfq.pipeline.augment.initial_noise`. These are off in
+    smoothing, sigma 1.25 there; on in the reconstruction recipes' large-input presets, see
+    :meth:`for_budget`). ``init="diverse"``: :func:`~dfq.pipeline.augment.initial_noise`. The others are off in
     every preset (README "Methods" has the EfficientNet-Lite0 W4A8 measurements)."""
 
     num_images: int
@@ -163,7 +164,8 @@ class SynthConfig:
         On large inputs they then get :data:`_RECONSTRUCTION_STEPS_LARGE` steps (50 leave 224x224
         images far from converged) and DeepInversion's priors, :data:`_RECONSTRUCTION_PRIORS_LARGE`:
         pink-noise start, total variation, half the steps at half resolution (so the steps cost
-        about 5/8 of full-resolution ones) and a 10x weight on the first BN layer. Without them a
+        about 5/8 of full-resolution ones), a 10x weight on the first BN layer, and the model seeing
+        the images through a 3x3 Gaussian (``smooth`` 1.25 px, MCT's smoothing). Without them a
         reconstruction on the images generalises badly to real images; ``swing`` did not help
         (README "Methods").
         """
@@ -197,7 +199,8 @@ _BUDGETS_LARGE: dict[str, tuple[int, int, int, float]] = {
 }
 # Steps per batch of large inputs for reconstruction recipes (the rest of the row as above).
 _RECONSTRUCTION_STEPS_LARGE: dict[str, int] = {"fast": 300, "default": 450, "long": 900}
-_RECONSTRUCTION_PRIORS_LARGE: dict = {"init": "pink", "tv_weight": 1000.0, "coarse": 0.5, "first_bn_weight": 10.0}
+_RECONSTRUCTION_PRIORS_LARGE: dict = {"init": "pink", "tv_weight": 1000.0, "coarse": 0.5, "first_bn_weight": 10.0,
+                                      "smooth": 1.25}
 
 
 # --------------------------------------------------------------------------------------------
