@@ -15,6 +15,8 @@ correlation of the pixels (real images: about 0.93) and the summed BN-statistics
     python benchmarks/synth_proxy.py --name plain \\
         --synth '{"init": "white", "tv_weight": 0, "coarse": 0, "steps": 200, "first_bn_weight": 1}'
 
+``--synth`` overrides the recipe's preset as it is at the record's commit: since 578250d that preset
+includes ``smooth`` 1.25, so earlier records' ``{}`` (e.g. ``baseline-s23``) is ``{"smooth": 0}`` now.
 About 40 minutes on one thread (synthesis 23 of them). Records: ``benchmarks/results/synth_proxy.{json,md}``.
 """
 from __future__ import annotations
