@@ -31,7 +31,7 @@ from dfq.export.onnx_export import ExportedOnnx, build_onnx, float_graph
 from dfq.export.runtimes import Budget, get_runtime
 from dfq.export.targets import Target, get_target
 from dfq.export.tensorrt import build_engine, require_tensorrt, trtexec_command
-from dfq.pipeline.bias_correction import BiasCorrectionResult, bias_correct
+from dfq.pipeline.bias_correction import RECONSTRUCTION_KL_RATIO, BiasCorrectionResult, bias_correct
 from dfq.pipeline.calibrate import CalibrationResult, batched_logits, calibrate, heldout_kd
 from dfq.pipeline.data import image_folder, iterate_images
 from dfq.pipeline.finetune import FinetuneConfig, checkpoint_fingerprint, finetune
@@ -355,17 +355,20 @@ def finetune_stage(run: Run, inputs: Inputs, data: SyntheticData, q: Quantized) 
 def bias_correct_stage(run: Run, data: SyntheticData, q: Quantized) -> BiasCorrectionResult | None:
     """Bias correction of the model that will be exported (the calibrated, reconstructed or fine-tuned
     one), kept only if it brings the model closer to the FP model's logits on the held-out images,
-    except after a reconstruction that nothing fine-tuned (there that KL misjudges it:
-    :mod:`dfq.pipeline.bias_correction`)."""
+    except after a reconstruction that nothing fine-tuned, where that KL misjudges small changes and
+    only a rise past :data:`RECONSTRUCTION_KL_RATIO` times undoes it (:mod:`dfq.pipeline.bias_correction`)."""
     if not run.job.bias_correction:
         return None
-    gate = run.recipe.trains or not run.recipe.reconstruct
+    ratio = 1.0 if run.recipe.trains or not run.recipe.reconstruct else RECONSTRUCTION_KL_RATIO
     with run.timed("bias_correction"):
-        result = bias_correct(q.qmodel, data.calib, holdout=data.holdout, fp_logits=q.fp_holdout, gate=gate)
-    if not gate:
-        state = "applied after the reconstruction, without the held-out KL check"
+        result = bias_correct(q.qmodel, data.calib, holdout=data.holdout, fp_logits=q.fp_holdout, max_kl_ratio=ratio)
+    if not result.applied:
+        state = ("not applied (it did not lower the held-out KL)" if ratio == 1.0 else
+                 f"not applied (it raised the held-out KL {ratio:g}x or more)")
+    elif result.kl_after is not None and result.kl_after >= result.kl_before:
+        state = f"applied after the reconstruction (the held-out KL rose, by less than {ratio:g}x)"
     else:
-        state = "applied" if result.applied else "not applied (it did not lower the held-out KL)"
+        state = "applied"
     run.log(f"[dfq] bias correction {state}: FP->quantized KL on {len(data.holdout)} held-out synthetic images "
             f"{result.kl_before:.4f} -> {result.kl_after:.4f}")
     return result

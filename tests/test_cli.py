@@ -254,17 +254,43 @@ def test_equalize_option_reaches_the_quantized_model_and_the_report(tmp_path):
     assert report["fidelity"]["agreement"] >= 0.99
 
 
-@pytest.mark.parametrize("method, gated", [("recon", False), ("bns", True), ("acq-recon", True)])
-def test_bias_correction_is_gated_except_after_a_plain_reconstruction(tmp_path, monkeypatch, method, gated):
+@pytest.mark.parametrize("method, reconstruction_ratio", [("recon", True), ("bns", False), ("acq-recon", False)])
+def test_bias_correction_allows_a_bounded_kl_rise_only_after_a_plain_reconstruction(tmp_path, monkeypatch, method,
+                                                                                    reconstruction_ratio):
     import dfq.stages as S
+    from dfq.pipeline.bias_correction import RECONSTRUCTION_KL_RATIO
     from dfq.run import run_export
 
     seen = []
     real = S.bias_correct
-    monkeypatch.setattr(S, "bias_correct", lambda *a, **kw: seen.append(kw["gate"]) or real(*a, **kw))
+    monkeypatch.setattr(S, "bias_correct", lambda *a, **kw: seen.append(kw["max_kl_ratio"]) or real(*a, **kw))
     extra = {"reconstruct_overrides": {"iterations": 2}} if "recon" in method else {}
     if method == "acq-recon":
         extra.update(steps=2, finetune_overrides={"batch": 8})
     report = run_export(_job(tmp_path, "m.onnx", bits=4, method=method, **extra), log=lambda m: None).to_dict()
-    assert seen == [gated]
-    assert report["calibration"]["bias_correction"]["gated"] is gated
+    expected = RECONSTRUCTION_KL_RATIO if reconstruction_ratio else 1.0
+    assert RECONSTRUCTION_KL_RATIO > 1.0 and seen == [expected]
+    assert report["calibration"]["bias_correction"]["max_kl_ratio"] == expected
+
+
+def test_an_undone_bias_correction_leaves_the_artifact_as_without_it(tmp_path, monkeypatch):
+    """A correction the held-out KL rejects is undone exactly: the exported weights and biases are
+    those of the same run with ``--no-bias-correction``."""
+    import onnx
+    from onnx import numpy_helper
+
+    import dfq.pipeline.bias_correction as cal
+    from dfq.run import run_export
+
+    kls = iter([1.0, 2.0])
+    monkeypatch.setattr(cal, "output_kl", lambda fp, q: next(kls))
+    undone = run_export(_job(tmp_path, "undone.onnx", bits=4), log=lambda m: None).to_dict()
+    run_export(_job(tmp_path, "off.onnx", bits=4, bias_correction=False), log=lambda m: None)
+    assert undone["calibration"]["bias_correction"]["applied"] is False
+
+    def weights(name):
+        return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / name)).graph.initializer}
+
+    a, b = weights("undone.onnx"), weights("off.onnx")
+    assert a.keys() == b.keys() and len(a) > 20
+    assert all((a[k] == b[k]).all() for k in a)

@@ -232,8 +232,8 @@ def test_bias_correction_restores_every_layers_mean():
     assert res.max_abs_shift > 0.01
 
 
-@pytest.mark.parametrize("gate", [True, False])
-def test_bias_correction_is_undone_when_the_heldout_kl_rises_unless_ungated(monkeypatch, gate):
+@pytest.mark.parametrize("ratio, kept", [(1.0, False), (1.5, False), (2.5, True), (None, True)])
+def test_bias_correction_is_undone_when_the_heldout_kl_rises_past_the_allowed_ratio(monkeypatch, ratio, kept):
     import dfq.pipeline.bias_correction as cal
 
     qm = quantize(tiny_resnet(2), qconfig(bits=4), tiny_images(2))
@@ -241,10 +241,10 @@ def test_bias_correction_is_undone_when_the_heldout_kl_rises_unless_ungated(monk
     state = {k: v.clone() for k, v in qm.module.state_dict().items()}
     kls = iter([1.0, 2.0])
     monkeypatch.setattr(cal, "output_kl", lambda fp, q: next(kls))
-    res = cal.bias_correct(qm, tiny_images(32, seed=3), holdout=tiny_images(8, seed=4), gate=gate)
-    assert res.applied is not gate and res.gated is gate and (res.kl_before, res.kl_after) == (1.0, 2.0)
+    res = cal.bias_correct(qm, tiny_images(32, seed=3), holdout=tiny_images(8, seed=4), max_kl_ratio=ratio)
+    assert res.applied is kept and res.max_kl_ratio == ratio and (res.kl_before, res.kl_after) == (1.0, 2.0)
     changed = [k for k, v in qm.module.state_dict().items() if not torch.equal(v, state[k])]
-    assert bool(changed) is not gate
+    assert bool(changed) is kept
     assert all(k.endswith("bn_bias") or k.endswith(".bias") for k in changed), changed
 
 
