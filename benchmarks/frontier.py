@@ -38,6 +38,18 @@ def points(records: list[dict], model: str) -> list[dict]:
     return sorted(out, key=lambda p: (p["avg_weight_bits"], p["avg_act_bits"]))
 
 
+def label_groups(pts: list[dict], near: float = 0.6) -> dict[tuple, list[str]]:
+    """One label per group of points at the same average weight bits whose top-1 lie within ``near``
+    points of the group's first (lowest) point, so that labels of nearby points do not overprint."""
+    groups: dict[tuple, list[str]] = {}
+    for p in sorted(pts, key=lambda p: (p["avg_weight_bits"], p["top1_int"])):
+        tag = f"{p['bits']} {p['method']}" + (f" {p['options']}" if p["options"] else "")
+        x, y = p["avg_weight_bits"], 100 * p["top1_int"]
+        anchor = next((k for k in groups if k[0] == x and abs(k[1] - y) <= near), None)
+        groups.setdefault(anchor or (x, y), []).append(tag)
+    return groups
+
+
 def draw(pts: list[dict], model: str, path: Path) -> None:
     import matplotlib
 
@@ -52,11 +64,7 @@ def draw(pts: list[dict], model: str, path: Path) -> None:
         if sel:
             ax.scatter([p["avg_weight_bits"] for p in sel], [100 * p["top1_int"] for p in sel], marker=marker,
                        label=label)
-    tags: dict[tuple, list[str]] = {}       # points at the same place share one label
-    for p in pts:
-        tag = f"{p['bits']} {p['method']}" + (f" {p['options']}" if p["options"] else "")
-        tags.setdefault((p["avg_weight_bits"], 100 * p["top1_int"]), []).append(tag)
-    for xy, names in tags.items():
+    for xy, names in label_groups(pts).items():
         ax.annotate(", ".join(names), xy, fontsize=7, xytext=(4, 2), textcoords="offset points", ha="right"
                     if xy[0] > 7 else "left")
     ax.set_xlabel("average weight bits (parameter-weighted)")

@@ -1,0 +1,20 @@
+"""The frontier chart's labels: nearby points at one average weight bits share a label."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from frontier import label_groups  # noqa: E402
+
+
+def _pt(w, top1, options=None):
+    return {"bits": "W4A8", "method": "recon", "options": options, "avg_weight_bits": w, "top1_int": top1}
+
+
+def test_nearby_points_share_one_label_and_far_ones_do_not():
+    pts = [_pt(5.1, 0.7954, "--recon-iters 300"), _pt(5.1, 0.7946, "--recon-iters 200"), _pt(5.1, 0.7862),
+           _pt(4.9, 0.7950)]
+    groups = label_groups(pts)
+    assert sorted(len(v) for v in groups.values()) == [1, 1, 2]
+    shared = next(v for v in groups.values() if len(v) == 2)
+    assert shared == ["W4A8 recon --recon-iters 200", "W4A8 recon --recon-iters 300"]
