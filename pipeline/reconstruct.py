@@ -123,8 +123,8 @@ class ReconstructConfig:
     @classmethod
     def for_budget(cls, budget: str, input_size, seed: int = 0) -> "ReconstructConfig":
         small = is_small_input(input_size)
-        # (iterations per layer, batch). ImageNet-size fast: 300, not 500: on EfficientNet-Lite0 W4A8's
-        # smoothed images 500 iterations fitted them past what carries to real images (README "Methods").
+        # (iterations per layer, batch). ImageNet-size fast runs 300, not more: on EfficientNet-Lite0 W4A8
+        # 200-300 exported about a point above 500 (README "Methods").
         table = {"fast": (300, 64) if small else (300, 32), "default": (1000, 64) if small else (1500, 32),
                  "long": (2000, 64) if small else (3000, 64)}
         iterations, batch = table[budget]
