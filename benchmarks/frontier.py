@@ -38,6 +38,18 @@ def points(records: list[dict], model: str) -> list[dict]:
     return sorted(out, key=lambda p: (p["avg_weight_bits"], p["avg_act_bits"]))
 
 
+def joined_label(tags: list[str]) -> str:
+    """One label for several points: their common leading words, then what differs, e.g.
+    ``W4A8 recon --recon-iters (200 / 300)``; ``plain`` where a point adds nothing."""
+    words = [t.split() for t in tags]
+    n = 0
+    while all(len(w) > n and w[n] == words[0][n] for w in words):
+        n += 1
+    rest = list(dict.fromkeys(" ".join(w[n:]) or "plain" for w in words))
+    head = " ".join(words[0][:n])
+    return head if len(rest) == 1 and rest[0] == "plain" else f"{head} ({' / '.join(rest)})"
+
+
 def label_groups(pts: list[dict], near: float = 0.6) -> dict[tuple, list[str]]:
     """One label per group of points at the same average weight bits whose top-1 lie within ``near``
     points of the group's first (lowest) point, so that labels of nearby points do not overprint."""
@@ -65,7 +77,7 @@ def draw(pts: list[dict], model: str, path: Path) -> None:
             ax.scatter([p["avg_weight_bits"] for p in sel], [100 * p["top1_int"] for p in sel], marker=marker,
                        label=label)
     for xy, names in label_groups(pts).items():
-        ax.annotate(", ".join(names), xy, fontsize=7, xytext=(4, 2), textcoords="offset points", ha="right"
+        ax.annotate(joined_label(names) if len(names) > 1 else names[0], xy, fontsize=7, xytext=(4, 2), textcoords="offset points", ha="right"
                     if xy[0] > 7 else "left")
     ax.set_xlabel("average weight bits (parameter-weighted)")
     ax.set_ylabel("top-1 of the exported artifact (%)")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from frontier import label_groups  # noqa: E402
+from frontier import joined_label, label_groups  # noqa: E402
 
 
 def _pt(w, top1, options=None):
@@ -18,3 +18,11 @@ def test_nearby_points_share_one_label_and_far_ones_do_not():
     assert sorted(len(v) for v in groups.values()) == [1, 1, 2]
     shared = next(v for v in groups.values() if len(v) == 2)
     assert shared == ["W4A8 recon --recon-iters 200", "W4A8 recon --recon-iters 300"]
+
+
+def test_joined_label_keeps_the_common_words_once():
+    assert joined_label(["W4A8 recon --recon-iters 200", "W4A8 recon --recon-iters 300"]) == \
+        "W4A8 recon --recon-iters (200 / 300)"
+    assert joined_label(["W8A8 bns", "W8A8 bns", "W8A8 acq"]) == "W8A8 (bns / acq)"
+    assert joined_label(["W4A4 recon", "W4A4 recon --x"]) == "W4A4 recon (plain / --x)"
+    assert joined_label(["W8A8 bns", "W8A8 bns"]) == "W8A8 bns"
