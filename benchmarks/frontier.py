@@ -40,7 +40,7 @@ def points(records: list[dict], model: str) -> list[dict]:
 
 def joined_label(tags: list[str]) -> str:
     """One label for several points: their common leading words, then what differs, e.g.
-    ``W4A8 recon --recon-iters (200 / 300)``; ``plain`` where a point adds nothing."""
+    ``W4A8 recon --recon-iters (200 / 300)``; ``plain`` where a point adds nothing. One tag is its own label."""
     words = [t.split() for t in tags]
     n = 0
     while all(len(w) > n and w[n] == words[0][n] for w in words):
@@ -77,8 +77,8 @@ def draw(pts: list[dict], model: str, path: Path) -> None:
             ax.scatter([p["avg_weight_bits"] for p in sel], [100 * p["top1_int"] for p in sel], marker=marker,
                        label=label)
     for xy, names in label_groups(pts).items():
-        ax.annotate(joined_label(names) if len(names) > 1 else names[0], xy, fontsize=7, xytext=(4, 2), textcoords="offset points", ha="right"
-                    if xy[0] > 7 else "left")
+        ax.annotate(joined_label(names), xy, fontsize=7, xytext=(4, 2), textcoords="offset points",
+                    ha="right" if xy[0] > 7 else "left")
     ax.set_xlabel("average weight bits (parameter-weighted)")
     ax.set_ylabel("top-1 of the exported artifact (%)")
     ax.set_title(f"{model}: accuracy vs average bits (data-free, ONNX Runtime)")

@@ -26,3 +26,4 @@ def test_joined_label_keeps_the_common_words_once():
     assert joined_label(["W8A8 bns", "W8A8 bns", "W8A8 acq"]) == "W8A8 (bns / acq)"
     assert joined_label(["W4A4 recon", "W4A4 recon --x"]) == "W4A4 recon (plain / --x)"
     assert joined_label(["W8A8 bns", "W8A8 bns"]) == "W8A8 bns"
+    assert joined_label(["W4A8 recon --synth-images 256"]) == "W4A8 recon --synth-images 256"
