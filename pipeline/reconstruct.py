@@ -106,6 +106,8 @@ class ReconstructConfig:
     fisher: str = "none"
     granularity: str = "layer"   # "layer" (AdaRound) or "block" (BRECQ: a few layers together, pipeline.blocks)
     block_layers: int = 3        # the most conv/linear layers a block merges from a plain chain
+    # also fit every image mirrored left-right (the BN inversion optimised both views: SynthConfig.flip)
+    flip: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -548,6 +550,8 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, cfg: ReconstructCo
     docstring), layer by layer or block by block; ``qmodel`` is changed in place."""
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed * 7_919 + 3)
+    if cfg.flip:
+        images = torch.cat([images, images.flip(-1)])
     nodes = [n for n in layer_nodes(qmodel.module) if qmodel.layer_precision[str(n.target)].weights < 8]
     if cfg.granularity == "block":
         low = set(nodes)
