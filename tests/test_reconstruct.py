@@ -56,12 +56,13 @@ def _assert_weights_on_grid(qm):
         assert torch.allclose(w / s, torch.round(w / s), atol=1e-3)
 
 
-@pytest.mark.parametrize("options", [{}, {"fisher": "element"}], ids=["plain", "fisher"])
+@pytest.mark.parametrize("options", [{}, {"fisher": "element"}, {"flip": True}], ids=["plain", "fisher", "flip"])
 def test_reconstruction_bakes_codes_the_exporter_reproduces_and_lowers_the_error(options):
     model, images, qm = _calibrated()
     before = _layer_mse(qm, model, images)
     res = reconstruct(qm, images, ReconstructConfig(iterations=200, batch=16, **options), progress=False)
     assert res.layers == 4 and 0 < res.flipped < 0.5 and res.last_loss < res.first_loss
+    assert res.images == len(images) * (2 if options.get("flip") else 1)   # flip: each image and its mirror
     _assert_weights_on_grid(qm)
     after = _layer_mse(qm, model, images)
     assert sum(after.values()) < sum(before.values())
