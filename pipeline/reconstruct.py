@@ -76,6 +76,7 @@ from dfq.pipeline.blocks import Block, BlockRunner, partition
 from dfq.pipeline.graph import layer_nodes, module_of, set_module
 from dfq.pipeline.models import is_small_input
 from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d
+from dfq.pipeline.recon_loss import clip_straight_through, fisher_weights, input_energy, output_clip
 from dfq.pipeline.quantize import QuantizedModel
 
 ZETA, GAMMA = 1.1, -0.1
@@ -108,6 +109,9 @@ class ReconstructConfig:
     block_layers: int = 3        # the most conv/linear layers a block merges from a plain chain
     # also fit every image mirrored left-right (the BN inversion optimised both views: SynthConfig.flip)
     flip: bool = False
+    # layer-wise: compare output and target after the ReLU-like activation that follows the layer
+    # (AdaRound's loss on f(W x)), the gradient passed straight through the clip
+    clip_loss: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -342,7 +346,7 @@ def _reconstruct_layer(qmodel: QuantizedModel, fp_model: QuantizedModel, node: f
     returns (first loss, last loss, weights flipped, weights). ``fp_model`` is a copy of ``qmodel``
     from before any layer was reconstructed: its float weights are the FP model's (``qmodel``'s
     earlier layers hold their baked codes by now). ``fisher``: the weight of each element of the
-    layer's output on ``images`` (:func:`_fisher_weights`), None for the plain squared error."""
+    layer's output on ``images`` (:func:`fisher_weights`), None for the plain squared error."""
     gm = qmodel.module
     layer = gm.get_submodule(str(node.target))
     act_q = _learned_input_quantizer(gm, node, cfg)
@@ -355,7 +359,8 @@ def _reconstruct_layer(qmodel: QuantizedModel, fp_model: QuantizedModel, node: f
     aq = input_quantizer_of(gm, node)
     fixed_scale = gm.get_submodule(str(aq.target)).scale.detach() if aq is not None else None
 
-    energy = _input_energy(layer, x_fp) if cfg.diag_mix > 0 else None
+    bound = output_clip(gm, node) if cfg.clip_loss else None
+    energy = input_energy(layer, x_fp) if cfg.diag_mix > 0 else None
     if energy is not None:
         with torch.no_grad():
             w = layer.folded()[0].detach()
@@ -368,6 +373,8 @@ def _reconstruct_layer(qmodel: QuantizedModel, fp_model: QuantizedModel, node: f
             xq, in_scale = act_q(xq), act_q.scale
         keep_fp = torch.rand(xq.shape, generator=gen) < cfg.drop
         out = data.forward(torch.where(keep_fp, xf, xq), in_scale)
+        if bound is not None:
+            out, target = clip_straight_through(out, bound), target.clamp(0.0, bound)
         err = (out - target).pow(2)
         loss = (err if weight is None else err * weight).sum(1).mean()
         if energy is None:
@@ -380,45 +387,6 @@ def _reconstruct_layer(qmodel: QuantizedModel, fp_model: QuantizedModel, node: f
         first, last = _optimise(rounded, batch_loss, cfg, extra)
         flipped, total = rounded.bake()
     return first, last, flipped, total
-
-
-def _fisher_weights(fp_model: QuantizedModel, nodes: list[fx.Node], images: torch.Tensor, seed: int,
-                    batch: int = 16, per_channel: bool = False) -> dict[str, torch.Tensor]:
-    """Per layer of ``nodes``: the squared gradient of ``log p(c | image)`` with respect to every
-    element of the layer's output in the FP model (quantizers off), ``c`` drawn per image from the
-    model's softmax (one draw: the diagonal Fisher's unbiased estimate), over ``images``; each
-    layer's map divided by its mean (all ones where the gradient vanishes everywhere). With
-    ``per_channel`` every element holds its channel's mean over the images and positions."""
-    names = [str(n.target) for n in nodes]
-    grads: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    gen = torch.Generator().manual_seed(seed * 7_919 + 5)
-
-    def keep(name: str):
-        def hook(module, inputs, output) -> None:
-            output.register_hook(lambda g: grads[name].append(g.detach().pow(2)))
-        return hook
-
-    gm = fp_model.module
-    handles = [gm.get_submodule(name).register_forward_hook(keep(name)) for name in names]
-    fp_model.set_enabled(False, False)
-    try:
-        for i in range(0, len(images), batch):
-            x = images[i:i + batch].clone().requires_grad_(True)
-            logp = F.log_softmax(gm(x), dim=1)
-            drawn = torch.multinomial(logp.detach().exp(), 1, generator=gen)
-            logp.gather(1, drawn).sum().backward()
-    finally:
-        for h in handles:
-            h.remove()
-        fp_model.set_enabled(True, True)
-    weights = {}
-    for name in names:
-        g2 = torch.cat(grads[name])
-        if per_channel:
-            g2 = g2.mean(dim=[d for d in range(g2.dim()) if d != 1], keepdim=True).expand_as(g2)
-        mean = g2.mean()
-        weights[name] = g2 / mean if mean > 0 else torch.ones_like(g2)
-    return weights
 
 
 def _learned_input_quantizer(gm: fx.GraphModule, node: fx.Node, cfg: ReconstructConfig) -> ActQuantizer | None:
@@ -457,18 +425,6 @@ def _trainable(groups):
     finally:
         for p in params:
             p.requires_grad_(False)
-
-
-def _input_energy(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The mean square of the layer's input channel that each weight entry reads, shaped to
-    broadcast against the weight: ``sum((W_q - W)^2 * energy)`` is the output error per position
-    (summed over output channels) for inputs with these channel energies and no correlations."""
-    e = x.pow(2).mean(dim=[0] + list(range(2, x.dim())))
-    if not isinstance(layer, QuantConv2d):
-        return e[None, :]
-    per_group = layer.in_channels // layer.groups
-    group = torch.arange(layer.out_channels) // (layer.out_channels // layer.groups)
-    return e[group[:, None] * per_group + torch.arange(per_group)[None, :]][:, :, None, None]
 
 
 class _DroppedQuantizer(nn.Module):
@@ -567,7 +523,7 @@ def reconstruct(qmodel: QuantizedModel, images: torch.Tensor, cfg: ReconstructCo
     if cfg.granularity == "block":
         fp_model.set_enabled(False, False)
     weighted = cfg.fisher != "none"
-    fisher = _fisher_weights(fp_model, nodes, images, cfg.seed, per_channel=cfg.fisher == "channel") if weighted else {}
+    fisher = fisher_weights(fp_model, nodes, images, cfg.seed, per_channel=cfg.fisher == "channel") if weighted else {}
     bar = progress_bar(len(units), "reconstruct", unit=cfg.granularity) if progress else None
     firsts, lasts, flipped, total = [], [], 0, 0
     try:

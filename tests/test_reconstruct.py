@@ -56,7 +56,8 @@ def _assert_weights_on_grid(qm):
         assert torch.allclose(w / s, torch.round(w / s), atol=1e-3)
 
 
-@pytest.mark.parametrize("options", [{}, {"fisher": "element"}, {"flip": True}], ids=["plain", "fisher", "flip"])
+@pytest.mark.parametrize("options", [{}, {"fisher": "element"}, {"flip": True}, {"clip_loss": True}],
+                         ids=["plain", "fisher", "flip", "clip"])
 def test_reconstruction_bakes_codes_the_exporter_reproduces_and_lowers_the_error(options):
     model, images, qm = _calibrated()
     before = _layer_mse(qm, model, images)
@@ -82,13 +83,29 @@ def test_learned_steps_move_and_are_written_back_with_codes_on_their_grid():
     assert sum(_layer_mse(qm, model, images).values()) < sum(before.values())
 
 
+def test_clip_loss_sees_the_clipped_values_and_the_unclipped_gradient():
+    from dfq.pipeline.graph import layer_nodes
+    from dfq.pipeline.recon_loss import clip_straight_through, output_clip
+
+    x = torch.tensor([-2.0, 0.5, 7.0], requires_grad=True)
+    y = clip_straight_through(x, 6.0)
+    assert y.tolist() == [0.0, 0.5, 6.0]
+    y.sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 1.0]   # an output below the clip still learns upwards
+    _, _, qm = _calibrated(8)
+    clips = {str(n.target): output_clip(qm.module, n) for n in layer_nodes(qm.module)}
+    # ReLU and ReLU6 after a conv; the conv before the residual Add and the classifier have no clip
+    assert clips["block.conv1"] == clips["down"] == float("inf") and clips["dw"] == clips["stem"] == 6.0
+    assert clips["block.conv2"] is None and clips["fc"] is None
+
+
 def test_diagonal_form_is_the_output_error_on_uncorrelated_inputs():
     """sum((dW)^2 * energy) equals the conv's output error (summed over channels, per position) on
     inputs whose channels are independent with those energies, grouped and depthwise convs too."""
     from torch import nn
 
     from dfq.pipeline.qmodules import QuantConv2d
-    from dfq.pipeline.reconstruct import _input_energy
+    from dfq.pipeline.recon_loss import input_energy
 
     gen = torch.Generator().manual_seed(0)
     for conv in (nn.Conv2d(4, 6, 3, groups=2), nn.Conv2d(6, 6, 3, groups=6), nn.Conv2d(5, 3, 1)):
@@ -96,7 +113,7 @@ def test_diagonal_form_is_the_output_error_on_uncorrelated_inputs():
         std = torch.rand(conv.in_channels, generator=gen) * 2 + 0.1
         x = torch.randn(2000, conv.in_channels, 12, 12, generator=gen) * std[None, :, None, None]
         dw = torch.randn(layer.weight.shape, generator=gen) * 0.1
-        diagonal = float((dw.pow(2) * _input_energy(layer, x)).sum())
+        diagonal = float((dw.pow(2) * input_energy(layer, x)).sum())
         sampled = float(torch.nn.functional.conv2d(x, dw, groups=conv.groups).pow(2).sum(1).mean())
         assert abs(diagonal - sampled) < 0.02 * sampled, (diagonal, sampled)
 
@@ -239,11 +256,11 @@ def test_fisher_weights_of_the_logits_are_a_drawn_class_gradient_squared():
     drawn one has weight p_j^2 / m, the drawn one (1 - p_c)^2 / m, one normaliser m per layer; the
     maps of the other layers have their output's shape, are >= 0 and average 1."""
     from dfq.pipeline.graph import layer_nodes
-    from dfq.pipeline.reconstruct import _fisher_weights
+    from dfq.pipeline.recon_loss import fisher_weights
 
     model, images, qm = _calibrated(40)
     nodes = layer_nodes(qm.module)
-    weights = _fisher_weights(qm, nodes, images, seed=0, batch=16)
+    weights = fisher_weights(qm, nodes, images, seed=0, batch=16)
     with torch.no_grad():
         p = torch.softmax(model(images), 1)
     root = weights["fc"].sqrt()
@@ -259,7 +276,7 @@ def test_fisher_weights_of_the_logits_are_a_drawn_class_gradient_squared():
         assert w.shape[0] == len(images) and bool((w >= 0).all()) and abs(float(w.mean()) - 1) < 1e-4
     assert qm.act_quantizers() and all(a.enabled for a in qm.act_quantizers().values())   # restored
     # per channel: each channel's weight is the mean of the per-element map over images and positions
-    pooled = _fisher_weights(qm, nodes, images, seed=0, batch=16, per_channel=True)
+    pooled = fisher_weights(qm, nodes, images, seed=0, batch=16, per_channel=True)
     for name in ("fc", "dw"):
         w = weights[name]
         dims = [d for d in range(w.dim()) if d != 1]
