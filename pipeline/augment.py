@@ -165,6 +165,10 @@ class ImageParam:
             self.tensor = self._to_spectrum(images.detach())
         self.tensor.requires_grad_(True)
 
+    def variables(self) -> list[tuple[torch.Tensor, float]]:
+        """The tensors Adam moves, each with its learning rate relative to the step's."""
+        return [(self.tensor, 1.0)]
+
     def _to_spectrum(self, x: torch.Tensor) -> torch.Tensor:
         return torch.view_as_real(torch.fft.rfft2(x, norm="ortho") / self.scale).contiguous()
 

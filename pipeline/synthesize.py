@@ -19,7 +19,9 @@ normalisation. Pixels start from ``init`` noise (:func:`initial_noise`); for the
 fraction of the steps the model sees them average-pooled 2x2 (DeepInversion's multi-resolution).
 Adam moves the pixels themselves (``param="pixel"``) or their 1/f-scaled spectrum
 (``param="spectrum"``, :class:`~dfq.pipeline.augment.ImageParam`), which makes every step a
-smooth field instead of per-pixel noise.
+smooth field instead of per-pixel noise, or a small generator and one latent per image, trained
+per batch as Genie-D does (``param="generator"``, :mod:`dfq.pipeline.image_generator`; ``init``
+does not apply there).
 
 The generative methods reuse :class:`BNStatsHook` (per-forward batch statistics of every
 ``BatchNorm2d`` input, with gradient, and the per-layer terms) and the plain functions here.
@@ -45,6 +47,7 @@ from dfq.common.progress import progress as progress_bar
 from dfq.pipeline.augment import (INITS, PARAMS, ImageParam, PixelAdam, augment, center_crop, gaussian_smooth, initial_noise,
                                   random_crop, scale_to_box, swing_convolutions)
 from dfq.pipeline.bn_stats import BNStatsHook, batch_mean_var
+from dfq.pipeline.image_generator import GENERATOR, GeneratorParam
 from dfq.pipeline.models import is_small_input
 
 __all__ = [
@@ -103,7 +106,7 @@ class SynthConfig:
     first_bn_weight: float = 1.0
     coarse: float = 0.0
     init: str = "white"                 # white | pink
-    param: str = "pixel"                # pixel | spectrum
+    param: str = "pixel"                # pixel | spectrum | generator
     granularity: str = "batch"          # batch | all
     output_loss: str = "ce"             # ce | minmax
     canvas: int = 0
@@ -132,7 +135,7 @@ class SynthConfig:
         need(isinstance(self.flip, bool), f"flip must be a bool, got {self.flip!r}")
         need(isinstance(self.swing, bool), f"swing must be a bool, got {self.swing!r}")
         need(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
-        need(self.param in PARAMS, f"param must be one of {PARAMS}, got {self.param!r}")
+        need(self.param in PARAMS + (GENERATOR,), f"param must be one of {PARAMS + (GENERATOR,)}, got {self.param!r}")
         need(self.granularity in GRANULARITIES, f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         need(self.output_loss in OUTPUT_LOSSES, f"output_loss must be one of {OUTPUT_LOSSES}, got {self.output_loss!r}")
         need(not (self.granularity == "all" and self.swing), "swing is implemented for granularity='batch' only")
@@ -372,13 +375,26 @@ class _PixelBatch:
     def __init__(self, labels: torch.Tensor, chw: tuple[int, int, int], lo: torch.Tensor, hi: torch.Tensor,
                  cfg: SynthConfig, gen: torch.Generator, device: torch.device, dtype: torch.dtype) -> None:
         c, h, w = chw
-        noise = initial_noise(labels.numel(), (c, h + cfg.canvas, w + cfg.canvas), cfg.init, gen)
-        self.image = ImageParam(scale_to_box(noise.to(device=device, dtype=dtype), cfg.init, lo, hi), cfg.param)
+        canvas = (c, h + cfg.canvas, w + cfg.canvas)
+        if cfg.param == GENERATOR:
+            self.image = GeneratorParam(labels.numel(), canvas, lo, hi, gen, device, dtype)
+        else:
+            noise = initial_noise(labels.numel(), canvas, cfg.init, gen)
+            self.image = ImageParam(scale_to_box(noise.to(device=device, dtype=dtype), cfg.init, lo, hi), cfg.param)
         self.size = (h, w)
         self.smooth = float(cfg.smooth)
-        self.adam = PixelAdam(self.image.tensor)
+        self.adams = [(PixelAdam(t), rate) for t, rate in self.image.variables()]
         self.y = labels.to(device)
         self.gen = gen
+
+    def zero_grad(self) -> None:
+        for adam, _ in self.adams:
+            adam.x.grad = None
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        for adam, rate in self.adams:
+            adam.step(lr * rate)
 
     def final(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():   # the spectrum's round trip can leave a pixel 1e-6 outside the box
@@ -405,8 +421,7 @@ def _inversion_step(model: nn.Module, hook: BNStatsHook, batch: _PixelBatch, cfg
     """One Adam step on ``batch``'s pixels; returns the step's loss terms and FP top-1 (detached
     tensors: :func:`_record` reads them only when it logs or shows them).
     ``others``: the other batches' statistics for an all-images BN term (see :meth:`BNStatsHook.pooled_layer_losses`)."""
-    image = batch.image
-    image.tensor.grad = None
+    batch.zero_grad()
     xa = augment(batch.view(), cfg.jitter, cfg.flip, batch.gen)
     xa = F.avg_pool2d(xa, 2) if coarse else xa
     logits = model(xa)
@@ -419,8 +434,8 @@ def _inversion_step(model: nn.Module, hook: BNStatsHook, batch: _PixelBatch, cfg
     loss = loss + cfg.ce_weight * ce + cfg.tv_weight * tv + cfg.l2_weight * l2
     loss.backward()
     with torch.no_grad():
-        batch.adam.step(lr)
-        image.project(lo, hi)
+        batch.step(lr)
+        batch.image.project(lo, hi)
     acc = (logits.detach().argmax(1) == batch.y).float().mean()
     return {"lr": lr, "loss": loss.detach(), "bns": bns.detach(), "ce": ce.detach(), "tv": tv.detach(),
             "l2": l2.detach(), "acc": acc}

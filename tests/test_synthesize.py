@@ -619,3 +619,48 @@ def test_reconstruction_recipes_get_the_converged_image_set():
         assert synthesis_config(job, RECIPES[name], large) == SynthConfig.for_budget("fast", large, reconstruction=True)
     for name in ("bns", "acq"):
         assert synthesis_config(job, RECIPES[name], large) == SynthConfig.for_budget("fast", large)
+
+
+# ------------------------------------------------------------------------------- generator parametrisation
+
+
+def test_generator_param_images_are_in_the_box_reproducible_and_trainable():
+    from dfq.pipeline.image_generator import GeneratorParam
+
+    lo, hi = pixel_bounds(MEAN, STD, 3)
+
+    def make(seed):
+        return GeneratorParam(4, (3, 16, 24), lo, hi, torch.Generator().manual_seed(seed), torch.device("cpu"),
+                              torch.float32)
+
+    p = make(0)
+    x = p.images()
+    assert x.shape == (4, 3, 16, 24) and bool((x >= lo).all() and (x <= hi).all())
+    # tanh then an affine-free BatchNorm: each channel near mean 0, variance 1 over the batch (before the clamp)
+    assert abs(float(x.detach().mean())) < 0.3
+    state = torch.get_rng_state()
+    assert torch.equal(make(0).images(), x) and not torch.equal(make(1).images(), x)
+    assert torch.equal(torch.get_rng_state(), state)   # built from the batch's stream, not the global RNG
+    x.pow(2).sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t, _ in p.variables())
+    assert p.variables()[0][0] is p.z
+
+
+def test_generator_needs_a_side_it_can_upsample_to():
+    from dfq.pipeline.image_generator import LatentGenerator
+
+    with pytest.raises(ValueError, match="multiple of 8"):
+        LatentGenerator((20, 16))
+
+
+def test_synthesize_through_a_generator():
+    model = make_model()
+    base = dict(num_images=8, batch_size=8, steps=40, lr=0.2, ce_weight=0.0, tv_weight=0.0, l2_weight=0.0,
+                jitter=0, flip=False, param="generator")
+    log: list[dict] = []
+    x, _ = run(model, cfg(**base), log=log)
+    lo, hi = pixel_bounds(MEAN, STD, 3)
+    assert x.shape == (8, *SIZE) and bool((x >= lo).all() and (x <= hi).all())
+    assert min(r["bns"] for r in log[-5:]) < 0.5 * log[0]["bns"]
+    again, _ = run(model, cfg(**base))
+    assert torch.equal(x, again)
