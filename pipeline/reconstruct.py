@@ -46,6 +46,9 @@ graph order, with the layers before already fixed:
   ``fisher="channel"`` weights each output channel by that map's mean over the images and
   positions (a one-draw estimate per element is noisy; the channel mean is not). Off: on
   EfficientNet-Lite0 W4A8 "element" scored 4 points below the plain loss in the image proxy (README).
+* with ``clip_loss`` (layer-wise) output and target pass through the ReLU-like clip that alone
+  reads the layer (:func:`~dfq.pipeline.recon_loss.output_clip`), the gradient straight through
+  it (AdaRound's ``f_a`` form). Off: a point below the plain loss in the Lite0 W4A8 proxy (README).
 
 ``granularity="block"`` (BRECQ, Li et al. 2021) learns the rounding of a block's layers together
 (:mod:`dfq.pipeline.blocks`: a residual block, or up to ``block_layers`` layers of a plain chain)
