@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 from torch import fx
 
 from dfq.pipeline.graph import (
+    clip_reader,
     is_add,
-    is_clip_activation,
     is_nonnegative,
     is_sigmoid_gate,
     layer_nodes,
@@ -70,11 +70,7 @@ def quant_requirements(gm: fx.GraphModule, layers: dict[str, Precision], config:
             for a in node.args[:2]:
                 require(add_need, a, residual)
         if config.scheme.quantize_outputs and (isinstance(m, QuantConv2d) or is_add(node)):
-            out = node
-            users = list(node.users)
-            if len(users) == 1 and is_clip_activation(gm, users[0]) is not None:
-                out = users[0]
-            require(other_need, out, residual)
+            require(other_need, clip_reader(gm, node) or node, residual)
         if config.scheme.integer_gating and is_sigmoid_gate(gm, node):
             for t in (*node.args[:2], node):
                 require(other_need, t, 8)

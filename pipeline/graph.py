@@ -43,6 +43,12 @@ def is_clip_activation(gm: fx.GraphModule, node: fx.Node) -> float | None:
     return None
 
 
+def clip_reader(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The ReLU-like activation that is the node's only reader, None if there is none."""
+    users = list(node.users)
+    return users[0] if len(users) == 1 and is_clip_activation(gm, users[0]) is not None else None
+
+
 def is_passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Ops whose output stays on the input's quantization grid with the same scale: max-pool,
     zero padding, slicing, flatten/reshape, dropout/identity."""

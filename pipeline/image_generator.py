@@ -77,7 +77,7 @@ class GeneratorParam:
 
     def images(self) -> torch.Tensor:
         """The images (differentiable with respect to the latents and the generator)."""
-        return torch.maximum(torch.minimum(self.net(self.z), self.hi), self.lo)
+        return self.net(self.z).clamp(self.lo, self.hi)
 
     def project(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Nothing to do: :meth:`images` clamps to the box."""

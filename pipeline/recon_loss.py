@@ -8,15 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from dfq.pipeline.graph import is_clip_activation
+from dfq.pipeline.graph import clip_reader, is_clip_activation
 from dfq.pipeline.qmodules import QuantConv2d
 from dfq.pipeline.quantize import QuantizedModel
 
 
 def output_clip(gm: fx.GraphModule, node: fx.Node) -> float | None:
     """Upper bound of the ReLU-like activation that alone reads the layer's output, None if none does."""
-    users = list(node.users)
-    return is_clip_activation(gm, users[0]) if len(users) == 1 else None
+    clip = clip_reader(gm, node)
+    return None if clip is None else is_clip_activation(gm, clip)
 
 
 def clip_straight_through(x: torch.Tensor, bound: float) -> torch.Tensor:

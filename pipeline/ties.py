@@ -63,7 +63,7 @@ import torch
 from torch import fx
 
 from dfq.pipeline.act_quantizers import input_quantizer_of
-from dfq.pipeline.graph import is_add, is_clip_activation, layer_nodes, module_of, source_of
+from dfq.pipeline.graph import clip_reader, is_add, layer_nodes, module_of, source_of
 from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear, weight_codes
 from dfq.pipeline.quantize import QuantizedModel
 
@@ -90,9 +90,7 @@ class TieReport:
 def output_quantizer_of(gm: fx.GraphModule, node: fx.Node) -> ActQuantizer | None:
     """The activation quantizer that requantizes a layer's output: its only reader, or the only
     reader of a ReLU-like activation that is the layer's only reader."""
-    users = list(node.users)
-    if len(users) == 1 and is_clip_activation(gm, users[0]) is not None:
-        users = list(users[0].users)
+    users = list((clip_reader(gm, node) or node).users)
     if len(users) == 1 and isinstance(module_of(gm, users[0]), ActQuantizer):
         return module_of(gm, users[0])
     return None
