@@ -67,7 +67,7 @@ def describe(model, images: torch.Tensor, labels: torch.Tensor) -> dict:
 
 # SynthConfig fields added after the first cached sets, with the value those sets were made with:
 # at that value they stay out of the key, so the earlier sets are found again.
-_LATER_FIELDS = {"granularity": "batch", "output_loss": "ce", "canvas": 0, "smooth": 0.0}
+_LATER_FIELDS = {"granularity": "batch", "output_loss": "ce", "canvas": 0, "smooth": 0.0, "desaturate": 0.0}
 
 
 def _cache_fields(cfg: SynthConfig) -> dict:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["augment", "swing_convolutions", "initial_noise", "scale_to_box", "random_crop", "center_crop", "gaussian_smooth", "INITS", "ImageParam", "PARAMS", "PixelAdam"]
+__all__ = ["augment", "swing_convolutions", "initial_noise", "scale_to_box", "random_crop", "center_crop", "gaussian_smooth", "desaturate", "INITS", "ImageParam", "PARAMS", "PixelAdam"]
 
 
 def augment(x: torch.Tensor, jitter: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
@@ -60,6 +60,22 @@ def gaussian_smooth(x: torch.Tensor, sigma: float) -> torch.Tensor:
     k = torch.outer(k1, k1)
     k = (k / k.sum()).expand(x.shape[1], 1, 3, 3)
     return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), k, groups=x.shape[1])
+
+
+def desaturate(x: torch.Tensor, strength: float, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[B, C, H, W]`` in the normalised space whose ``[0, 1]`` pixel box is ``[lo, hi]`` (each
+    ``[1, C, 1, 1]``), with every pixel's colour pulled towards its grey (the mean of its channels, in
+    pixel units) by ``strength``: ``p' = g + (1 - strength) * (p - g)``, differentiably. Grey pixels
+    stay, pixels in the box stay in it. Real images' colour channels correlate about 0.9, BN-inversion
+    images' about 0.6 (README "Methods"): seen through this filter every step, the optimiser can only
+    put colour into what the model sees at ``1 - strength`` of its rate. ``strength`` 0: ``x``."""
+    if strength <= 0:
+        return x
+    std = 1.0 / (hi - lo)
+    mean = -lo * std
+    p = x * std + mean
+    grey = p.mean(1, keepdim=True)
+    return (grey + (1.0 - strength) * (p - grey) - mean) / std
 
 
 @contextlib.contextmanager

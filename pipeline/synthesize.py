@@ -44,7 +44,7 @@ from torch import nn
 
 from dfq.common import distributed as D
 from dfq.common.progress import progress as progress_bar
-from dfq.pipeline.augment import (INITS, PARAMS, ImageParam, PixelAdam, augment, center_crop, gaussian_smooth, initial_noise,
+from dfq.pipeline.augment import (INITS, PARAMS, ImageParam, PixelAdam, augment, center_crop, desaturate, gaussian_smooth, initial_noise,
                                   random_crop, scale_to_box, swing_convolutions)
 from dfq.pipeline.bn_stats import BNStatsHook, batch_mean_var
 from dfq.pipeline.image_generator import GENERATOR, GeneratorParam
@@ -89,7 +89,9 @@ class SynthConfig:
     the circular jitter. ``smooth`` > 0: the model sees the images through a 3x3 Gaussian of that
     standard deviation in pixels every step, and the result is the smoothed images (MCT's
     smoothing, sigma 1.25 there; on in the reconstruction recipes' large-input presets, see
-    :meth:`for_budget`). ``init="diverse"``: :func:`~dfq.pipeline.augment.initial_noise`. The others are off in
+    :meth:`for_budget`). ``desaturate`` in [0, 1): the model sees every pixel's colour pulled that far
+    towards its grey, and the result is the desaturated images (:func:`~dfq.pipeline.augment.desaturate`;
+    applied after the smoothing). ``init="diverse"``: :func:`~dfq.pipeline.augment.initial_noise`. The others are off in
     every preset (README "Methods" has the EfficientNet-Lite0 W4A8 measurements)."""
 
     num_images: int
@@ -111,6 +113,7 @@ class SynthConfig:
     output_loss: str = "ce"             # ce | minmax
     canvas: int = 0
     smooth: float = 0.0
+    desaturate: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -141,6 +144,8 @@ class SynthConfig:
         need(not (self.granularity == "all" and self.swing), "swing is implemented for granularity='batch' only")
         need(isinstance(self.smooth, (int, float)) and not isinstance(self.smooth, bool) and math.isfinite(self.smooth)
              and self.smooth >= 0, f"smooth must be a finite number >= 0, got {self.smooth!r}")
+        need(isinstance(self.desaturate, (int, float)) and not isinstance(self.desaturate, bool)
+             and 0 <= self.desaturate < 1, f"desaturate must be in [0, 1), got {self.desaturate!r}")
         need(isinstance(self.canvas, int) and not isinstance(self.canvas, bool) and self.canvas >= 0,
              f"canvas must be an integer >= 0, got {self.canvas!r}")
         need(isinstance(self.coarse, (int, float)) and 0 <= self.coarse < 1, f"coarse must be in [0, 1), got {self.coarse!r}")
@@ -383,6 +388,8 @@ class _PixelBatch:
             self.image = ImageParam(scale_to_box(noise.to(device=device, dtype=dtype), cfg.init, lo, hi), cfg.param)
         self.size = (h, w)
         self.smooth = float(cfg.smooth)
+        self.desaturate = float(cfg.desaturate)
+        self.box = (lo, hi)
         self.adams = [(PixelAdam(t), rate) for t, rate in self.image.variables()]
         self.y = labels.to(device)
         self.gen = gen
@@ -398,12 +405,16 @@ class _PixelBatch:
 
     def final(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():   # the spectrum's round trip can leave a pixel 1e-6 outside the box
-            x = gaussian_smooth(self.image.images(), self.smooth)
-            return center_crop(x, self.size).clamp(lo, hi).contiguous()
+            x = center_crop(self.seen(), self.size)
+            return x.clamp(lo, hi).contiguous()
+
+    def seen(self) -> torch.Tensor:
+        """The whole canvas as the model sees it: smoothed, then desaturated."""
+        return desaturate(gaussian_smooth(self.image.images(), self.smooth), self.desaturate, *self.box)
 
     def view(self) -> torch.Tensor:
         """The input-sized images the model sees this step, before the jitter and flip."""
-        x = gaussian_smooth(self.image.images(), self.smooth)
+        x = self.seen()
         return random_crop(x, self.size, self.gen) if x.shape[2:] != self.size else x
 
 
