@@ -44,13 +44,21 @@ from dfq.pipeline.reconstruct import ReconstructConfig, reconstruct
 from dfq.pipeline.synthesize import BNStatsHook, SynthConfig, synthesize
 
 RESULTS = REPO / "benchmarks" / "results" / "synth_proxy.json"
-COLUMNS = ["name", "synth", "recon", "iters", "top1_fakequant", "top1_weights_only", "top1_fp", "neighbour_corr", "bn_loss", "fp_confidence",
+COLUMNS = ["name", "synth", "recon", "iters", "top1_fakequant", "top1_weights_only", "top1_fp", "neighbour_corr", "colour_corr", "bn_loss", "fp_confidence",
            "target_hits", "wall_s", "commit"]
 
 
 def neighbour_correlation(x: torch.Tensor) -> float:
     a = x - x.mean(dim=(2, 3), keepdim=True)
     return float((a[..., 1:, :] * a[..., :-1, :]).mean() / a.pow(2).mean())
+
+
+def colour_correlation(x: torch.Tensor) -> float:
+    """Mean over images of the correlation between each pair of colour channels (real images: 0.90)."""
+    a = x.flatten(2) - x.flatten(2).mean(2, keepdim=True)
+    a = a / a.pow(2).sum(2, keepdim=True).sqrt().clamp_min(1e-12)
+    c = a @ a.transpose(1, 2)
+    return float((c.sum((1, 2)) - c.diagonal(dim1=1, dim2=2).sum(1)).mean() / (x.shape[1] * (x.shape[1] - 1)))
 
 
 @torch.no_grad()
@@ -61,7 +69,7 @@ def describe(model, images: torch.Tensor, labels: torch.Tensor) -> dict:
             probs.append(F.softmax(model(images[i:i + 32]), 1))
             losses.append(hook.loss())
     p = torch.cat(probs)
-    return {"neighbour_corr": neighbour_correlation(images), "bn_loss": float(torch.stack(losses).mean()),
+    return {"neighbour_corr": neighbour_correlation(images), "colour_corr": colour_correlation(images), "bn_loss": float(torch.stack(losses).mean()),
             "fp_confidence": float(p.max(1).values.mean()), "target_hits": float((p.argmax(1) == labels).float().mean())}
 
 
