@@ -472,16 +472,6 @@ def test_gaussian_smooth_keeps_constants_and_averages_noise():
     assert float((gaussian_smooth(noise, 0.3) - noise).abs().mean()) < 0.1
 
 
-def test_smooth_synthesis_returns_smoothed_images():
-    model = make_model()
-    base = dict(num_images=8, batch_size=8, steps=20, lr=0.1, ce_weight=0.0, tv_weight=0.0, l2_weight=0.0)
-    plain, _ = run(model, cfg(**base))
-    smooth, _ = run(model, cfg(**base, smooth=1.25))
-    assert neighbour_correlation(smooth) > neighbour_correlation(plain) + 0.2
-    again, _ = run(model, cfg(**base, smooth=1.25))
-    assert torch.equal(smooth, again)
-
-
 def _channel_correlation(x: torch.Tensor) -> float:
     """Mean correlation between the colour channels of ``x`` over all images and positions."""
     c = torch.corrcoef(x.transpose(0, 1).reshape(x.shape[1], -1))
@@ -503,15 +493,19 @@ def test_desaturate_pulls_colour_towards_grey_inside_the_box():
     assert torch.allclose(desaturate(flat, 0.75, lo, hi), flat, atol=1e-5)
 
 
-def test_desaturated_synthesis_returns_correlated_colour_channels():
+# a filter between the pixels and the model (the result keeps it): smoothing correlates neighbouring
+# pixels; desaturation correlates colour channels (white noise pulled 60% to its grey: about 0.64, 0 without)
+@pytest.mark.parametrize("option,value,statistic,gain", [
+    ("smooth", 1.25, neighbour_correlation, 0.2), ("desaturate", 0.6, _channel_correlation, 0.3),
+])
+def test_filtered_synthesis_returns_filtered_images(option, value, statistic, gain):
     model = make_model()
     base = dict(num_images=8, batch_size=8, steps=20, lr=0.1, ce_weight=0.0, tv_weight=0.0, l2_weight=0.0)
     plain, _ = run(model, cfg(**base))
-    grey, _ = run(model, cfg(**base, desaturate=0.6))
-    # white-noise channels pulled 60% towards their mean correlate about 0.64 (0 without)
-    assert _channel_correlation(grey) > _channel_correlation(plain) + 0.3
-    again, _ = run(model, cfg(**base, desaturate=0.6))
-    assert torch.equal(grey, again)
+    filtered, _ = run(model, cfg(**base, **{option: value}))
+    assert statistic(filtered) > statistic(plain) + gain
+    again, _ = run(model, cfg(**base, **{option: value}))
+    assert torch.equal(filtered, again)
 
 
 def test_first_bn_weight_scales_only_the_first_layer_term():
