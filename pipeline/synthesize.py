@@ -403,10 +403,10 @@ class _PixelBatch:
         for adam, rate in self.adams:
             adam.step(lr * rate)
 
-    def final(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    def final(self) -> torch.Tensor:
         with torch.no_grad():   # the spectrum's round trip can leave a pixel 1e-6 outside the box
             x = center_crop(self.seen(), self.size)
-            return x.clamp(lo, hi).contiguous()
+            return x.clamp(*self.box).contiguous()
 
     def seen(self) -> torch.Tensor:
         """The whole canvas as the model sees it: smoothed, then desaturated."""
@@ -486,7 +486,7 @@ def _invert_batch(model: nn.Module, labels: torch.Tensor, chw: tuple[int, int, i
         for step in range(cfg.steps):
             rec = _inversion_step(model, hook, state, cfg, _cosine_lr(cfg, step), step < coarse_steps, lo, hi)
             _record(rec, batch, step, bar, log, step == cfg.steps - 1)
-    return state.final(lo, hi)
+    return state.final()
 
 
 def _invert_all(model: nn.Module, labels_all: torch.Tensor, chw: tuple[int, int, int],
@@ -509,7 +509,7 @@ def _invert_all(model: nn.Module, labels_all: torch.Tensor, chw: tuple[int, int,
                 rec = _inversion_step(model, hook, states[b], cfg, lr, step < coarse_steps, lo, hi, others)
                 latest[b] = (states[b].y.numel(), [(m.detach(), v.detach()) for m, v in zip(hook.means, hook.vars)])
                 _record(rec, b, step, bar, log, step == cfg.steps - 1)
-    return [s.final(lo, hi) for s in states]
+    return [s.final() for s in states]
 
 
 def synthesize(model: nn.Module, input_size: tuple[int, int, int],
