@@ -8,6 +8,9 @@ subclasses ``SpeedupError`` (8) and ``BackendUnavailableError`` (9) keep their p
 """
 from __future__ import annotations
 
+import sys
+from typing import Callable
+
 
 class DfqError(Exception):
     """Base class: a message saying what is wrong and what to do, plus an exit code."""
@@ -82,3 +85,22 @@ class BackendUnavailableError(EngineNotBuiltError):
     """``dfq-bench``/``dfq-build``: a requested backend cannot run here (ONNX Runtime without
     ``CUDAExecutionProvider`` or without a usable GPU; TensorRT or a CUDA device missing). Exit
     code 9; the message names what is missing."""
+
+
+def run_cli(prog: str, body: Callable[[], int], debug: bool = False) -> int:
+    """Run a command's ``body`` and return its exit code: a :class:`DfqError` becomes one
+    ``PROG: error: ...`` paragraph on stderr and its ``exit_code`` (after the summary of the report
+    it carries, if any; re-raised with ``debug``), Ctrl-C ``PROG: interrupted`` and 130."""
+    try:
+        return body()
+    except DfqError as exc:
+        if debug:
+            raise
+        report = getattr(exc, "report", None)
+        for line in report.summary_lines() if report is not None else ():
+            print(line)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

@@ -15,7 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from dfq.common.errors import DfqError, OutputError, SpeedupError, UsageError
+from dfq.common.errors import OutputError, SpeedupError, UsageError, run_cli
 from dfq.common.files import atomic_write_bytes
 from dfq.export.bench import BACKENDS, Budget, format_checks, format_table, run_bench
 from dfq.report import to_json
@@ -68,53 +68,48 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    try:
-        if args.max_regression is not None and args.baseline is None:
-            raise UsageError("--max-regression compares against a previous result: give it with --baseline OLD.json.")
-        if args.iterations is not None:
-            budget = Budget(warmup=args.warmup, iterations=args.iterations)
-        else:
-            budget = Budget(warmup=args.warmup, seconds=3.0 if args.seconds is None else args.seconds)
-        result = run_bench(args.model, args.fp, backends=args.backends or ["onnxruntime-cpu"],
-                           batches=args.batches or [1], threads=args.threads, budget=budget,
-                           input_shape=args.input_shape, min_speedup=args.min_speedup, baseline=args.baseline,
-                           max_regression=0.10 if args.max_regression is None else args.max_regression,
-                           command=" ".join(shlex.quote(a) for a in ["dfq-bench", *argv]),
-                           log=lambda m: print(m, file=sys.stderr), breakdown=args.breakdown)
-        if args.out:
-            out = Path(args.out)
-            try:
-                out.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(out, to_json(result))
-            except OSError as exc:
-                raise OutputError(f"Cannot write the result to {out}: {exc}.") from None
-        print(format_table(result["records"]))
-        for line in format_checks(result["checks"]):
-            print(line)
-        if args.out:
-            print(f"result: {args.out}")
-        if not result["passed"]:
-            failed = []
-            ms = result["checks"]["min_speedup"]
-            if ms is not None and not ms["passed"]:
-                failed.append("speedup below --min-speedup " + f"{ms['threshold']:g}: " + ", ".join(
-                    f"{f['backend']} batch {f['batch']} {f['speedup']:.2f}x" for f in ms["failures"]))
-            bl = result["checks"]["baseline"]
-            if bl is not None and not bl["passed"]:
-                failed.append(f"speedup regressed more than {100 * bl['max_regression']:g}% against the baseline: "
-                              + ", ".join(f"{c['backend']} batch {c['batch']} {c['new_speedup']:.2f}x (was "
-                                          f"{c['old_speedup']:.2f}x)" for c in bl["failures"]))
-            raise SpeedupError("The benchmark check failed: " + "; ".join(failed) + "."
-                               + (f" The measurements are in {args.out}." if args.out else ""))
-        return 0
-    except DfqError as exc:
-        if args.debug:
-            raise
-        print(f"dfq-bench: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("dfq-bench: interrupted", file=sys.stderr)
-        return 130
+    return run_cli("dfq-bench", lambda: _run(args, argv), debug=args.debug)
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.max_regression is not None and args.baseline is None:
+        raise UsageError("--max-regression compares against a previous result: give it with --baseline OLD.json.")
+    if args.iterations is not None:
+        budget = Budget(warmup=args.warmup, iterations=args.iterations)
+    else:
+        budget = Budget(warmup=args.warmup, seconds=3.0 if args.seconds is None else args.seconds)
+    result = run_bench(args.model, args.fp, backends=args.backends or ["onnxruntime-cpu"],
+                       batches=args.batches or [1], threads=args.threads, budget=budget,
+                       input_shape=args.input_shape, min_speedup=args.min_speedup, baseline=args.baseline,
+                       max_regression=0.10 if args.max_regression is None else args.max_regression,
+                       command=" ".join(shlex.quote(a) for a in ["dfq-bench", *argv]),
+                       log=lambda m: print(m, file=sys.stderr), breakdown=args.breakdown)
+    if args.out:
+        out = Path(args.out)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(out, to_json(result))
+        except OSError as exc:
+            raise OutputError(f"Cannot write the result to {out}: {exc}.") from None
+    print(format_table(result["records"]))
+    for line in format_checks(result["checks"]):
+        print(line)
+    if args.out:
+        print(f"result: {args.out}")
+    if not result["passed"]:
+        failed = []
+        ms = result["checks"]["min_speedup"]
+        if ms is not None and not ms["passed"]:
+            failed.append("speedup below --min-speedup " + f"{ms['threshold']:g}: " + ", ".join(
+                f"{f['backend']} batch {f['batch']} {f['speedup']:.2f}x" for f in ms["failures"]))
+        bl = result["checks"]["baseline"]
+        if bl is not None and not bl["passed"]:
+            failed.append(f"speedup regressed more than {100 * bl['max_regression']:g}% against the baseline: "
+                          + ", ".join(f"{c['backend']} batch {c['batch']} {c['new_speedup']:.2f}x (was "
+                                      f"{c['old_speedup']:.2f}x)" for c in bl["failures"]))
+        raise SpeedupError("The benchmark check failed: " + "; ".join(failed) + "."
+                           + (f" The measurements are in {args.out}." if args.out else ""))
+    return 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from dfq.bench_cli import _shape
-from dfq.common.errors import DfqError, OutputError, UnsupportedModelError, UsageError
+from dfq.common.errors import OutputError, UnsupportedModelError, UsageError, run_cli
 from dfq.export.tensorrt import (build_engine, inspect_engine, onnx_input_shape, require_tensorrt,
                                 trtexec_command)
 
@@ -44,62 +44,57 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        model, out = Path(args.model), Path(args.out)
-        if not model.is_file():
-            raise UsageError(f"The ONNX model {model} does not exist.")
-        opt = args.max_batch if args.opt_batch is None else args.opt_batch
-        if not 1 <= args.min_batch <= opt <= args.max_batch:
-            raise UsageError(f"Need 1 <= --min-batch <= --opt-batch <= --max-batch, got {args.min_batch}, {opt}, "
-                             f"{args.max_batch}.")
-        if args.workspace_mb < 1:
-            raise UsageError(f"--workspace-mb must be >= 1, got {args.workspace_mb}.")
-        if out.exists() and not args.force:
-            raise OutputError(f"{out} exists; pass --force to overwrite it.")
-        try:
-            name, shape = onnx_input_shape(model)
-        except Exception as exc:  # noqa: BLE001 - not an ONNX file, several inputs ...
-            raise UsageError(f"Cannot read the input of {model}: {exc}") from None
-        shape = args.input_shape or shape
-        if shape is None:
-            raise UsageError(f"{model} has non-static input dims besides the batch; pass --input-shape C,H,W.")
-        cmd = trtexec_command(model, out, input_name=name, input_shape=shape, min_batch=args.min_batch,
-                              opt_batch=opt, max_batch=args.max_batch, timing_cache=args.timing_cache)
-        if args.fp16:
-            cmd += (" (with --fp16: run it on an FP16 copy of the graph, e.g. from NVIDIA ModelOpt AutoCast; "
-                    "strongly typed TensorRT takes precisions from the graph)")
-        require_tensorrt(model, out, trtexec=cmd, verified=False, rerun="the same dfq-build command")
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"Cannot create the folder of {out}: {exc}.") from None
-        try:
-            report = build_engine(model, out, input_shape=shape, min_batch=args.min_batch, opt_batch=opt,
-                                  max_batch=args.max_batch, workspace_bytes=args.workspace_mb << 20, fp16=args.fp16,
-                                  timing_cache=args.timing_cache)
-        except PermissionError as exc:
-            raise OutputError(f"Cannot write {out}: {exc}.") from None
-        except (RuntimeError, ValueError) as exc:
-            raise UnsupportedModelError(f"TensorRT could not build an engine from {model}: {exc}") from None
-        print(f"engine: {out} ({report['bytes'] / 2**20:.1f} MiB, TensorRT {report['tensorrt']}, batch "
-              f"{report['min_batch']}..{report['opt_batch']}..{report['max_batch']}, {report['precision']})")
-        try:
+    return run_cli("dfq-build", lambda: _run(args), debug=args.debug)
 
-            layers = inspect_engine(out)
-            print(f"layers: {len(layers['layers'])}, reading INT8: {layers['int8_layers']}")
-            if layers["not_int8_compute"]:
-                print("conv/gemm layers NOT in INT8: " + ", ".join(layers["not_int8_compute"]))
-        except Exception as exc:  # noqa: BLE001 - the engine is built; the summary is extra
-            print(f"dfq-build: warning: could not inspect the engine's layers: {exc}", file=sys.stderr)
-        return 0
-    except DfqError as exc:
-        if args.debug:
-            raise
-        print(f"dfq-build: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("dfq-build: interrupted", file=sys.stderr)
-        return 130
+
+def _run(args: argparse.Namespace) -> int:
+    model, out = Path(args.model), Path(args.out)
+    if not model.is_file():
+        raise UsageError(f"The ONNX model {model} does not exist.")
+    opt = args.max_batch if args.opt_batch is None else args.opt_batch
+    if not 1 <= args.min_batch <= opt <= args.max_batch:
+        raise UsageError(f"Need 1 <= --min-batch <= --opt-batch <= --max-batch, got {args.min_batch}, {opt}, "
+                         f"{args.max_batch}.")
+    if args.workspace_mb < 1:
+        raise UsageError(f"--workspace-mb must be >= 1, got {args.workspace_mb}.")
+    if out.exists() and not args.force:
+        raise OutputError(f"{out} exists; pass --force to overwrite it.")
+    try:
+        name, shape = onnx_input_shape(model)
+    except Exception as exc:  # noqa: BLE001 - not an ONNX file, several inputs ...
+        raise UsageError(f"Cannot read the input of {model}: {exc}") from None
+    shape = args.input_shape or shape
+    if shape is None:
+        raise UsageError(f"{model} has non-static input dims besides the batch; pass --input-shape C,H,W.")
+    cmd = trtexec_command(model, out, input_name=name, input_shape=shape, min_batch=args.min_batch,
+                          opt_batch=opt, max_batch=args.max_batch, timing_cache=args.timing_cache)
+    if args.fp16:
+        cmd += (" (with --fp16: run it on an FP16 copy of the graph, e.g. from NVIDIA ModelOpt AutoCast; "
+                "strongly typed TensorRT takes precisions from the graph)")
+    require_tensorrt(model, out, trtexec=cmd, verified=False, rerun="the same dfq-build command")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"Cannot create the folder of {out}: {exc}.") from None
+    try:
+        report = build_engine(model, out, input_shape=shape, min_batch=args.min_batch, opt_batch=opt,
+                              max_batch=args.max_batch, workspace_bytes=args.workspace_mb << 20, fp16=args.fp16,
+                              timing_cache=args.timing_cache)
+    except PermissionError as exc:
+        raise OutputError(f"Cannot write {out}: {exc}.") from None
+    except (RuntimeError, ValueError) as exc:
+        raise UnsupportedModelError(f"TensorRT could not build an engine from {model}: {exc}") from None
+    print(f"engine: {out} ({report['bytes'] / 2**20:.1f} MiB, TensorRT {report['tensorrt']}, batch "
+          f"{report['min_batch']}..{report['opt_batch']}..{report['max_batch']}, {report['precision']})")
+    try:
+
+        layers = inspect_engine(out)
+        print(f"layers: {len(layers['layers'])}, reading INT8: {layers['int8_layers']}")
+        if layers["not_int8_compute"]:
+            print("conv/gemm layers NOT in INT8: " + ", ".join(layers["not_int8_compute"]))
+    except Exception as exc:  # noqa: BLE001 - the engine is built; the summary is extra
+        print(f"dfq-build: warning: could not inspect the engine's layers: {exc}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import re
 import sys
 
 from dfq.common import distributed
-from dfq.common.errors import DfqError, UsageError
+from dfq.common.errors import UsageError, run_cli
 from dfq.export.targets import target_names
 from dfq.job import ExportJob
 from dfq.run import run_export
@@ -146,31 +146,24 @@ def job_from_args(args: argparse.Namespace) -> ExportJob:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.list_archs:
-            print("\n".join(list_archs()))
-            return 0
-        if not args.model:
-            raise UsageError("a checkpoint path is required: dfq-export MODEL --out OUT.onnx")
-        if not args.out:
-            raise UsageError("--out is required: the path of the .onnx (or .engine) to write.")
-        job = job_from_args(args)
-        report = run_export(job, log=lambda msg: print(msg, file=sys.stderr))
-        for line in report.summary_lines() if report is not None else ():   # None: a torchrun rank other than 0
-            print(line)
-        return 0
-    except DfqError as exc:
-        if args.debug:
-            raise
-        if getattr(exc, "report", None) is not None:
-            for line in exc.report.summary_lines():
-                print(line)
-        print(f"dfq-export: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("dfq-export: interrupted", file=sys.stderr)
-        return 130
+        return run_cli("dfq-export", lambda: _run(args), debug=args.debug)
     finally:
         distributed.shutdown(distributed.current())
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.list_archs:
+        print("\n".join(list_archs()))
+        return 0
+    if not args.model:
+        raise UsageError("a checkpoint path is required: dfq-export MODEL --out OUT.onnx")
+    if not args.out:
+        raise UsageError("--out is required: the path of the .onnx (or .engine) to write.")
+    job = job_from_args(args)
+    report = run_export(job, log=lambda msg: print(msg, file=sys.stderr))
+    for line in report.summary_lines() if report is not None else ():   # None: a torchrun rank other than 0
+        print(line)
+    return 0
 
 
 if __name__ == "__main__":
