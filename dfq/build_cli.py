@@ -87,7 +87,6 @@ def _run(args: argparse.Namespace) -> int:
     print(f"engine: {out} ({report['bytes'] / 2**20:.1f} MiB, TensorRT {report['tensorrt']}, batch "
           f"{report['min_batch']}..{report['opt_batch']}..{report['max_batch']}, {report['precision']})")
     try:
-
         layers = inspect_engine(out)
         print(f"layers: {len(layers['layers'])}, reading INT8: {layers['int8_layers']}")
         if layers["not_int8_compute"]:

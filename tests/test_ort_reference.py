@@ -30,11 +30,12 @@ def _ort(model: onnx.ModelProto, x: torch.Tensor) -> np.ndarray:
     return s.run(None, {"input": x.numpy()})[0]
 
 
-_VNNI = sorted({"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_flags()))
+_FLAGS = cpu_flags()
+_VNNI = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(_FLAGS))
 # Full-range 8-bit weights are exact on ONNX Runtime only where its u8s8 kernels use VNNI (or AMX): without it
 # they add pairs of u8*s8 products in int16 with saturation, which is why the target's default is reduce_range.
 _FULL_RANGE = pytest.param(8, False, marks=pytest.mark.skipif(
-    not _VNNI, reason=f"this CPU has no VNNI/AMX (flags {cpu_flags()}): ONNX Runtime's u8s8 kernels saturate "
+    not _VNNI, reason=f"this CPU has no VNNI/AMX (flags {_FLAGS}): ONNX Runtime's u8s8 kernels saturate "
                       "full-range 8-bit weights here, as --full-range-weights documents"))
 
 
