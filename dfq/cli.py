@@ -17,7 +17,7 @@ from dfq.export.targets import target_names
 from dfq.job import ExportJob
 from dfq.run import run_export
 from dfq.pipeline.models import list_archs
-from dfq.pipeline.quantize import Precision
+from dfq.pipeline.quantize import CALIBRATION_RULES, Precision
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bias-correction", action="store_true",
                    help="skip the empirical bias correction after calibration (on by default; it is kept only "
                         "when it lowers the FP->quantized KL on held-out synthetic images)")
+    p.add_argument("--calibration", choices=CALIBRATION_RULES, default="auto",
+                   help="activation-range rule: auto (default) scores min/max, percentile and MSE on held-out "
+                        "synthetic images and keeps the best; or pin one of them")
     p.add_argument("--equalize", action="store_true",
                    help="equalise the channel ranges of activations below 8 bits that pass a ReLU from one conv "
                         "to the next (cross-layer equalisation from the BatchNorm statistics; the float model is "
@@ -135,7 +138,8 @@ def job_from_args(args: argparse.Namespace) -> ExportJob:
                     val=args.val, val_limit=args.val_limit, budget=args.budget,
                     seed=args.seed, report=args.report,
                     reduce_range=False if args.full_range_weights else None, residual_bits=args.residual_bits,
-                    bias_correction=not args.no_bias_correction, equalize=args.equalize, keep_8bit=_layer_policy(args.keep_8bit),
+                    bias_correction=not args.no_bias_correction, equalize=args.equalize,
+                    calibration=args.calibration, keep_8bit=_layer_policy(args.keep_8bit),
                     force=args.force, threads=args.threads,
                     latency_batches=tuple(args.latency_batches or (1,)), progress=not args.no_progress,
                     synth_overrides=synth, finetune_overrides=tune,

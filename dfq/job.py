@@ -42,6 +42,8 @@ class ExportJob:
     residual_bits: int | None = None      # None: QuantConfig's default, 8 (see QuantConfig.residual_bits)
     bias_correction: bool = True          # empirical bias correction of the exported model (dfq.pipeline.bias_correction)
     equalize: bool = False                # cross-layer equalisation of low-bit activations (dfq.pipeline.equalize)
+    # activation-range rule (QuantConfig.calibration); "auto" scores the rules on held-out synthetic images
+    calibration: Literal["auto", "minmax", "percentile", "mse"] = "auto"
     keep_8bit: tuple[str, ...] | None = None   # None: QuantConfig's default layer policy (first conv, last linear)
     # mixed precision: (average weight bits, average activation bits) to stay within; each layer
     # runs at 8 bits or at bits/act_bits, chosen from the per-layer sensitivities

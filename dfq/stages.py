@@ -254,7 +254,8 @@ def _quant_config(run: Run, **fields) -> QuantConfig:
     job = run.job
     policy = {} if job.keep_8bit is None else {"keep_8bit": tuple(job.keep_8bit)}
     settings = {"bits": job.bits, "act_bits": job.act_bits, "reduce_range": job.reduce_range,
-                "residual_bits": job.residual_bits, "equalize": job.equalize, **policy, **fields}
+                "residual_bits": job.residual_bits, "equalize": job.equalize, "calibration": job.calibration,
+                **policy, **fields}
     return run.target.quant_config(**settings)
 
 

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from dfq.kernels.fake_quant import Grid, mse_optimal_scale
-from dfq.pipeline.quantize import QuantizedModel
+from dfq.pipeline.quantize import CALIBRATION_RULES, QuantizedModel
 
-METHODS = ("minmax", "percentile", "mse")
+METHODS = tuple(r for r in CALIBRATION_RULES if r != "auto")
 
 
 class RangeObserver:

@@ -40,6 +40,8 @@ from dfq.pipeline.graph import is_passthrough, layer_nodes, module_of, set_modul
 from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear
 
 SUPPORTED_BITS = (4, 8)
+# activation-range rules (dfq.pipeline.calibrate); "auto" scores the others on held-out images
+CALIBRATION_RULES = ("auto", "minmax", "percentile", "mse")
 
 
 @dataclass(frozen=True, order=True)
@@ -116,7 +118,7 @@ class QuantConfig:
             self.residual_bits = 8
         if self.residual_bits not in SUPPORTED_BITS:
             raise ValueError(f"--residual-bits {self.residual_bits} is not supported; use 8 or 4")
-        if self.calibration not in ("auto", "minmax", "percentile", "mse"):
+        if self.calibration not in CALIBRATION_RULES:
             raise ValueError(f"unknown calibration {self.calibration!r}")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError("percentile must lie in (50, 100]")

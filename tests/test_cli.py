@@ -254,6 +254,23 @@ def test_equalize_option_reaches_the_quantized_model_and_the_report(tmp_path):
     assert report["fidelity"]["agreement"] >= 0.99
 
 
+def test_calibration_option_pins_the_activation_range_rule(tmp_path):
+    from dfq.cli import build_parser, job_from_args
+    from dfq.run import run_export
+
+    args = [str(tmp_path / "m.pth"), "--out", str(tmp_path / "x.onnx")]
+    assert job_from_args(build_parser().parse_args(args)).calibration == "auto"
+    assert job_from_args(build_parser().parse_args(args + ["--calibration", "minmax"])).calibration == "minmax"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(args + ["--calibration", "entropy"])
+    auto = run_export(_job(tmp_path, "auto.onnx"), log=lambda m: None).to_dict()["calibration"]
+    assert set(auto["kl_by_method"]) == {"minmax", "percentile", "mse"}
+    report = run_export(_job(tmp_path, "p.onnx", calibration="percentile"), log=lambda m: None).to_dict()
+    assert report["calibration"]["method"] == "percentile"
+    assert report["calibration"]["kl_by_method"] == {}          # nothing scored: the rule was given
+    assert report["quant"]["config"]["calibration"] == "percentile"
+
+
 @pytest.mark.parametrize("method, reconstruction_ratio", [("recon", True), ("bns", False), ("acq-recon", False)])
 def test_bias_correction_allows_a_bounded_kl_rise_only_after_a_plain_reconstruction(tmp_path, monkeypatch, method,
                                                                                     reconstruction_ratio):
