@@ -207,7 +207,7 @@ _BUDGETS_LARGE: dict[str, tuple[int, int, int, float]] = {
 }
 # Steps per batch of large inputs for reconstruction recipes (the rest of the row as above).
 _RECONSTRUCTION_STEPS_LARGE: dict[str, int] = {"fast": 300, "default": 450, "long": 900}
-_RECONSTRUCTION_PRIORS_LARGE: dict = {"init": "pink", "tv_weight": 30000.0, "coarse": 0.5, "first_bn_weight": 10.0,
+_RECONSTRUCTION_PRIORS_LARGE: dict = {"init": "pink", "tv_weight": 3000.0, "coarse": 0.5, "first_bn_weight": 10.0,
                                       "smooth": 1.25}
 
 

@@ -621,7 +621,7 @@ def test_for_budget(budget):
     recon_large = SynthConfig.for_budget(budget, (3, 224, 224), reconstruction=True)
     assert recon_small == small
     assert recon_large.steps > large.steps
-    priors = dict(init="pink", tv_weight=30000.0, coarse=0.5, first_bn_weight=10.0, smooth=1.25)
+    priors = dict(init="pink", tv_weight=3000.0, coarse=0.5, first_bn_weight=10.0, smooth=1.25)
     assert recon_large == dataclasses.replace(large, steps=recon_large.steps, **priors)
     assert recon_large.num_images == large.num_images
 
