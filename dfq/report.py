@@ -71,6 +71,12 @@ class ExportReport:
     def to_json(self) -> bytes:
         return to_json(self.to_dict())
 
+    def _calibration_scores(self) -> str:
+        scores = self.calibration["kl_by_method"]
+        if not scores:
+            return "(pinned with --calibration, not scored)"
+        return "(KL by method: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()) + ")"
+
     def to_markdown(self) -> str:
         """A short human summary."""
         q, f = self.quant, self.fidelity
@@ -80,8 +86,7 @@ class ExportReport:
                  f"- artifact: `{self.outputs['onnx']}` (FP32 twin: `{self.outputs['fp_onnx']}`), status {self.status}",
                  f"- synthetic data: method `{self.synthesis['method']}`, {self.synthesis['num_images']} images, "
                  f"{self.synthesis['seconds']:.0f} s",
-                 f"- calibration: `{self.calibration['method']}` (KL by method: "
-                 + ", ".join(f"{k} {v:.4g}" for k, v in self.calibration["kl_by_method"].items()) + ")",
+                 f"- calibration: `{self.calibration['method']}` " + self._calibration_scores(),
                  f"- numerics: {q['numerics']}",
                  f"- layers kept at 8 bits: {', '.join(q['layers_at_8bit']) or 'none'}",
                  f"- average bits: weights {q['avg_weight_bits']:.2f} (parameter-weighted, "

@@ -269,6 +269,7 @@ def test_calibration_option_pins_the_activation_range_rule(tmp_path):
     assert report["calibration"]["method"] == "percentile"
     assert report["calibration"]["kl_by_method"] == {}          # nothing scored: the rule was given
     assert report["quant"]["config"]["calibration"] == "percentile"
+    assert "- calibration: `percentile` (pinned with --calibration" in (tmp_path / "p.report.md").read_text()
 
 
 @pytest.mark.parametrize("method, reconstruction_ratio", [("recon", True), ("bns", False), ("acq-recon", False)])
