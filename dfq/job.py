@@ -10,7 +10,7 @@ from typing import Literal
 from dfq.common.errors import OutputError, UsageError
 from dfq.common.files import remove_orphaned_temporaries
 from dfq.export.targets import engine_target, get_target, target_names
-from dfq.pipeline.quantize import Precision
+from dfq.pipeline.quantize import CALIBRATION_RULES, Precision
 from dfq.pipeline.recipes import RECIPES, default_method
 
 BUDGETS = ("fast", "default", "long")
@@ -74,6 +74,8 @@ class ExportJob:
             if not (precision.weights <= w <= 8 and precision.activations <= a <= 8) or precision == Precision(8, 8):
                 raise UsageError(f"--mixed-budget W{w:g}A{a:g} must lie between --bits {precision} and W8A8 (each layer "
                                  f"runs at {precision} or at 8 bits); give a lower --bits, e.g. --bits 4.")
+        if self.calibration not in CALIBRATION_RULES:
+            raise UsageError(f"--calibration {self.calibration!r} is unknown: use one of {', '.join(CALIBRATION_RULES)}.")
         if self.target is None:
             self.target = engine_target().name if self.engine_path is not None else DEFAULT_TARGET
         if self.target not in target_names():

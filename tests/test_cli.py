@@ -263,6 +263,8 @@ def test_calibration_option_pins_the_activation_range_rule(tmp_path):
     assert job_from_args(build_parser().parse_args(args + ["--calibration", "minmax"])).calibration == "minmax"
     with pytest.raises(SystemExit):
         build_parser().parse_args(args + ["--calibration", "entropy"])
+    with pytest.raises(UsageError, match="--calibration 'entropy' is unknown"):
+        ExportJob(model="m.pth", out=str(tmp_path / "x.onnx"), calibration="entropy")
     auto = run_export(_job(tmp_path, "auto.onnx"), log=lambda m: None).to_dict()["calibration"]
     assert set(auto["kl_by_method"]) == {"minmax", "percentile", "mse"}
     report = run_export(_job(tmp_path, "p.onnx", calibration="percentile"), log=lambda m: None).to_dict()
