@@ -10,7 +10,7 @@ from typing import Literal
 from dfq.common.errors import OutputError, UsageError
 from dfq.common.files import remove_orphaned_temporaries
 from dfq.export.targets import engine_target, get_target, target_names
-from dfq.pipeline.quantize import CALIBRATION_RULES, Precision
+from dfq.pipeline.quantize import CALIBRATION_RULES, CalibrationRule, Precision
 from dfq.pipeline.recipes import RECIPES, default_method
 
 BUDGETS = ("fast", "default", "long")
@@ -43,7 +43,7 @@ class ExportJob:
     bias_correction: bool = True          # empirical bias correction of the exported model (dfq.pipeline.bias_correction)
     equalize: bool = False                # cross-layer equalisation of low-bit activations (dfq.pipeline.equalize)
     # activation-range rule (QuantConfig.calibration); "auto" scores the rules on held-out synthetic images
-    calibration: Literal["auto", "minmax", "percentile", "mse"] = "auto"
+    calibration: CalibrationRule = "auto"
     keep_8bit: tuple[str, ...] | None = None   # None: QuantConfig's default layer policy (first conv, last linear)
     # mixed precision: (average weight bits, average activation bits) to stay within; each layer
     # runs at 8 bits or at bits/act_bits, chosen from the per-layer sensitivities

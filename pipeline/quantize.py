@@ -24,7 +24,7 @@ import fnmatch
 import operator
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,8 @@ from dfq.pipeline.qmodules import ActQuantizer, QuantConv2d, QuantLinear
 
 SUPPORTED_BITS = (4, 8)
 # activation-range rules (dfq.pipeline.calibrate); "auto" scores the others on held-out images
-CALIBRATION_RULES = ("auto", "minmax", "percentile", "mse")
+CalibrationRule = Literal["auto", "minmax", "percentile", "mse"]
+CALIBRATION_RULES: tuple[str, ...] = get_args(CalibrationRule)
 
 
 @dataclass(frozen=True, order=True)
@@ -89,7 +90,7 @@ class QuantConfig:
     keep_8bit: tuple[str, ...] = ("@first", "@last")
     layer_precision: dict[str, Precision] = field(default_factory=dict)
     weight_clip_search: bool = True
-    calibration: Literal["auto", "minmax", "percentile", "mse"] = "auto"
+    calibration: CalibrationRule = "auto"
     percentile: float = 99.99
     # 8-bit weights on [-63, 63] instead of [-127, 127]; None: the scheme's default
     # (dfq.kernels.fake_quant.weight_grid says why a target may want it).
