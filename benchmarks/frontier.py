@@ -52,10 +52,12 @@ def joined_label(tags: list[str]) -> str:
 
 def label_groups(pts: list[dict], near: float = 0.6) -> dict[tuple, list[str]]:
     """One label per group of points at the same average weight bits whose top-1 lie within ``near``
-    points of the group's first (lowest) point, so that labels of nearby points do not overprint."""
+    points of the group's first (lowest) point, so that labels of nearby points do not overprint.
+    A point's tag names its seed where the seed is not 0 (seed 0 is every record's default)."""
     groups: dict[tuple, list[str]] = {}
     for p in sorted(pts, key=lambda p: (p["avg_weight_bits"], p["top1_int"])):
-        tag = f"{p['bits']} {p['method']}" + (f" {p['options']}" if p["options"] else "")
+        tag = (f"{p['bits']} {p['method']}" + (f" seed {p['seed']}" if p.get("seed") else "")
+               + (f" {p['options']}" if p["options"] else ""))
         x, y = p["avg_weight_bits"], 100 * p["top1_int"]
         anchor = next((k for k in groups if k[0] == x and abs(k[1] - y) <= near), None)
         groups.setdefault(anchor or (x, y), []).append(tag)

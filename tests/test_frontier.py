@@ -7,8 +7,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from frontier import joined_label, label_groups  # noqa: E402
 
 
-def _pt(w, top1, options=None):
-    return {"bits": "W4A8", "method": "recon", "options": options, "avg_weight_bits": w, "top1_int": top1}
+def _pt(w, top1, options=None, seed=0):
+    return {"bits": "W4A8", "method": "recon", "options": options, "avg_weight_bits": w, "top1_int": top1,
+            "seed": seed}
 
 
 def test_nearby_points_share_one_label_and_far_ones_do_not():
@@ -27,3 +28,10 @@ def test_joined_label_keeps_the_common_words_once():
     assert joined_label(["W4A4 recon", "W4A4 recon --x"]) == "W4A4 recon (plain / --x)"
     assert joined_label(["W8A8 bns", "W8A8 bns"]) == "W8A8 bns"
     assert joined_label(["W4A8 recon --synth-images 256"]) == "W4A8 recon --synth-images 256"
+
+
+def test_a_point_names_its_seed_unless_it_is_seed_0():
+    groups = label_groups([_pt(5.1, 0.7962), _pt(5.1, 0.7950, seed=1), _pt(5.1, 0.7930, seed=2, options="--x")])
+    (tags,) = groups.values()
+    assert sorted(tags) == ["W4A8 recon", "W4A8 recon seed 1", "W4A8 recon seed 2 --x"]
+    assert joined_label(["W4A8 recon", "W4A8 recon seed 1"]) == "W4A8 recon (plain / seed 1)"
