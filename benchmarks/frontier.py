@@ -64,13 +64,23 @@ def label_groups(pts: list[dict], near: float = 0.6) -> dict[tuple, list[str]]:
     return groups
 
 
+def keyed_groups(pts: list[dict]) -> list[tuple[int, tuple, str]]:
+    """The label groups numbered from the top of the chart down: ``(number, (x, y), label)``. The chart
+    marks each group with its number and lists the labels beside the axes, where long option strings
+    cannot push the axes into a sliver."""
+    groups = sorted(label_groups(pts).items(), key=lambda kv: (-kv[0][1], kv[0][0]))
+    return [(i, xy, joined_label(names)) for i, (xy, names) in enumerate(groups, 1)]
+
+
 def draw(pts: list[dict], model: str, path: Path) -> None:
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, key) = plt.subplots(1, 2, figsize=(12, 5.5), gridspec_kw={"width_ratios": [3, 2]})
     ax.axhline(100 * pts[0]["top1_fp"], color="grey", ls="--", label="FP32")
     for eight, marker, label in ((True, "o", "8-bit activations"),
                                  (False, "s", "activations below 8 bits (MAC-weighted)")):
@@ -78,13 +88,20 @@ def draw(pts: list[dict], model: str, path: Path) -> None:
         if sel:
             ax.scatter([p["avg_weight_bits"] for p in sel], [100 * p["top1_int"] for p in sel], marker=marker,
                        label=label)
-    for xy, names in label_groups(pts).items():
-        ax.annotate(joined_label(names), xy, fontsize=7, xytext=(4, 2), textcoords="offset points",
-                    ha="right" if xy[0] > 7 else "left")
+    lines = []
+    for n, xy, label in keyed_groups(pts):
+        side = 1 if n % 2 else -1  # alternate sides so that the numbers of close groups do not overprint
+        ax.annotate(str(n), xy, fontsize=8, xytext=(6 * side, 0), textcoords="offset points", va="center",
+                    ha="left" if side > 0 else "right")
+        lines.append(textwrap.fill(f"{n}. {label}", 62, subsequent_indent="    "))
+    xs = [p["avg_weight_bits"] for p in pts]
+    ax.set_xlim(min(xs) - 0.75, max(xs) + 0.75)
     ax.set_xlabel("average weight bits (parameter-weighted)")
     ax.set_ylabel("top-1 of the exported artifact (%)")
-    ax.set_title(f"{model}: accuracy vs average bits (data-free, ONNX Runtime)")
+    ax.set_title(f"{model}: accuracy vs average bits (data-free, ONNX Runtime)", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
+    key.axis("off")
+    key.text(0, 1, "\n".join(lines), va="top", ha="left", fontsize=7, transform=key.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

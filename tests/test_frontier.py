@@ -2,9 +2,11 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from frontier import joined_label, label_groups  # noqa: E402
+from frontier import joined_label, keyed_groups, label_groups  # noqa: E402
 
 
 def _pt(w, top1, options=None, seed=0):
@@ -35,3 +37,12 @@ def test_a_point_names_its_seed_unless_it_is_seed_0():
     (tags,) = groups.values()
     assert sorted(tags) == ["W4A8 recon", "W4A8 recon seed 1", "W4A8 recon seed 2 --x"]
     assert joined_label(["W4A8 recon", "W4A8 recon seed 1"]) == "W4A8 recon (plain / seed 1)"
+
+
+def test_groups_are_numbered_from_the_top_of_the_chart_down():
+    keyed = keyed_groups([_pt(5.1, 0.62), _pt(8.0, 0.83), _pt(5.1, 0.80, seed=1), _pt(5.1, 0.7962)])
+    assert [n for n, _, _ in keyed] == [1, 2, 3]
+    # each group sits at its lowest point's top-1
+    assert [xy for _, xy, _ in keyed] == [(8.0, pytest.approx(83.0)), (5.1, pytest.approx(79.62)),
+                                          (5.1, pytest.approx(62.0))]
+    assert keyed[1][2] == "W4A8 recon (plain / seed 1)"
