@@ -4,7 +4,8 @@
 
 Reads ``benchmarks/results/accuracy.json`` and draws, for every record of the model that states its
 average bits (``avg_weight_bits``, ``avg_act_bits``: parameter- and MAC-weighted), exported top-1
-against average weight bits, marker by average activation bits, the FP32 top-1 as a line. W8A8
+against average weight bits, marker by average activation bits, the FP32 top-1 as a line; nearby
+points share a number on the chart, whose labels are listed beside it. W8A8
 records without the fields are every layer at 8 bits, so they are drawn at (8, 8). Writes
 ``benchmarks/results/<model>.frontier.png`` and ``.md`` (the points as a table).
 """
