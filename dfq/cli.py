@@ -14,7 +14,7 @@ import sys
 from dfq.common import distributed
 from dfq.common.errors import UsageError, run_cli
 from dfq.export.targets import target_names
-from dfq.job import ExportJob
+from dfq.job import BUDGETS, ExportJob
 from dfq.run import run_export
 from dfq.pipeline.models import list_archs
 from dfq.pipeline.quantize import CALIBRATION_RULES, Precision
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "few minutes, removed when the run succeeds)")
     p.add_argument("--val", help="ImageFolder of real labelled images for accuracy (optional)")
     p.add_argument("--val-limit", type=int, help="use at most this many --val images")
-    p.add_argument("--budget", default="default", choices=["fast", "default", "long"],
+    p.add_argument("--budget", default="default", choices=BUDGETS,
                    help="synthesis/fine-tuning budget (fast = smoke test)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--report", help="report JSON path (default: <out>.report.json; Markdown beside it)")

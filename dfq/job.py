@@ -5,15 +5,16 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import get_args
 
 from dfq.common.errors import OutputError, UsageError
 from dfq.common.files import remove_orphaned_temporaries
 from dfq.export.targets import engine_target, get_target, target_names
 from dfq.pipeline.quantize import CALIBRATION_RULES, CalibrationRule, Precision
 from dfq.pipeline.recipes import RECIPES, default_method
+from dfq.pipeline.synthesize import Budget
 
-BUDGETS = ("fast", "default", "long")
+BUDGETS: tuple[str, ...] = get_args(Budget)
 METHODS = tuple(RECIPES)
 ENGINE_SUFFIXES = (".engine", ".plan")
 DEFAULT_TARGET = "onnxruntime"
@@ -36,7 +37,7 @@ class ExportJob:
     checkpoint: str | None = None         # default: <out stem>.finetune.ckpt beside the ONNX
     val: str | None = None
     val_limit: int | None = None
-    budget: Literal["fast", "default", "long"] = "default"
+    budget: Budget = "default"
     seed: int = 0
     reduce_range: bool | None = None      # None: QuantConfig's default for the target
     residual_bits: int | None = None      # None: QuantConfig's default, 8 (see QuantConfig.residual_bits)
