@@ -30,7 +30,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import merge_records, write_markdown  # noqa: E402
+from common import cpu_label, merge_records, write_markdown  # noqa: E402
 from latency import build_model  # noqa: E402
 
 from dfq.common.provenance import machine_info  # noqa: E402
@@ -38,14 +38,6 @@ from dfq.export.onnx_export import export_onnx  # noqa: E402
 from dfq.pipeline.calibrate import calibrate  # noqa: E402
 from dfq.export.targets import get_target  # noqa: E402
 from dfq.pipeline.quantize import quantize  # noqa: E402
-
-
-def cpu_label(machine: dict) -> str:
-    """The processor and its int8 instructions, e.g. ``Intel(R) Xeon(R) Processor avx512_vnni+amx_int8``:
-    part of each record's key, so runs on different machines stand side by side."""
-    flags = machine.get("cpu_flags") or []
-    isa = "+".join(f for f in ("avx512_vnni", "amx_int8") if f in flags) or "no-vnni"
-    return f"{machine.get('cpu') or 'unknown CPU'} {isa}"
 
 
 def _slug(text: str) -> str:

@@ -12,6 +12,14 @@ def shared_root() -> Path:
     return Path(os.environ.get("DFQ_SHARED", REPO.parent / "shared"))
 
 
+def cpu_label(machine: dict) -> str:
+    """The processor and its int8 instructions, e.g. ``Intel(R) Xeon(R) Processor avx512_vnni+amx_int8``:
+    part of each record's key, so runs on different machines stand side by side."""
+    flags = machine.get("cpu_flags") or []
+    isa = "+".join(f for f in ("avx512_vnni", "amx_int8") if f in flags) or "no-vnni"
+    return f"{machine.get('cpu') or 'unknown CPU'} {isa}"
+
+
 def merge_records(path: Path, new: list[dict], key: tuple[str, ...]) -> list[dict]:
     """Append ``new`` to the JSON list at ``path``, replacing records with the same ``key`` values."""
     old = json.loads(path.read_text()) if path.exists() else []

@@ -5,7 +5,8 @@
 For each report and each runtime the artifact was cross-checked on (``fidelity.cross_checks``, e.g.
 ``openvino``), appends a ``fidelity`` record (``backend``, ``model``, ``bits``, ``target``,
 ``agreement`` with that runtime's reference, ``agreement_float_fakequant``, top-1 there and on
-ONNX Runtime, images, and the report's command, commit, machine and wall time) to
+ONNX Runtime, images, the CPU and its int8 instructions (``cpu``: part of the key, so runs on
+VNNI and AMX machines stand side by side), and the report's command, commit, machine and wall time) to
 ``benchmarks/results/fidelity.json`` and rewrites ``fidelity.md``.
 """
 from __future__ import annotations
@@ -18,10 +19,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import merge_records, write_markdown  # noqa: E402
+from common import cpu_label, merge_records, write_markdown  # noqa: E402
 
 COLUMNS = ["backend", "model", "bits", "target", "method", "images", "agreement", "agreement_float_fakequant",
-           "reference", "top1", "top1_onnxruntime", "commit"]
+           "reference", "top1", "top1_onnxruntime", "cpu", "commit"]
 
 
 def records(report: dict, model: str) -> list[dict]:
@@ -35,7 +36,8 @@ def records(report: dict, model: str) -> list[dict]:
                     "images": f["images"], "data": f.get("data"), "agreement": c["agreement"],
                     "agreement_float_fakequant": c.get("agreement_float_fakequant"), "reference": c["reference"],
                     "top1": c.get("top1"), "top1_onnxruntime": f.get("top1_int"),
-                    "onnxruntime_agreement": f["agreement"], "command": report["command"],
+                    "onnxruntime_agreement": f["agreement"], "cpu": cpu_label(report["machine"]),
+                    "command": report["command"],
                     "commit": report["commit"], "machine": report["machine"], "wall_s": report["wall_s"]})
     return out
 
@@ -50,7 +52,7 @@ def main(argv=None) -> int:
     if not new:
         print("no cross-check results in these reports", file=sys.stderr)
         return 1
-    merged = merge_records(Path(args.out), new, key=("backend", "model", "bits", "target", "method", "images"))
+    merged = merge_records(Path(args.out), new, key=("backend", "model", "bits", "target", "method", "images", "cpu"))
     write_markdown(Path(args.out).with_suffix(".md"), merged, COLUMNS,
                    "Agreement of the artifact on other runtimes with their reference")
     for r in new:
